@@ -1,0 +1,50 @@
+# nora-edge: two commands do everything on a fresh machine.
+#   make demo   - fresh venv, install, build the tiny NORA, run the main job, print where the report went
+#   make test   - fresh venv (if missing), install, run the test suite (CI runs exactly this)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint format export-real bench-real fixture-real soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[export,bench,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/nora-edge demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --timeout=7200
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# --- scale runs: a person runs these, never CI (they write ~7.5 GB and take long) ---------------------
+fixture-real: $(STAMP)
+	/usr/bin/time -v $(VENV)/bin/nora-edge tiny $(OUT)/nora-real-shape --preset real-shape --horizon 5 2> $(OUT)/fixture-real.time
+	grep -E "Maximum resident|Elapsed" $(OUT)/fixture-real.time
+
+export-real: fixture-real
+	/usr/bin/time -v $(VENV)/bin/nora-edge export $(OUT)/nora-real-shape --out $(OUT)/bundle-real-fp32 --precision fp32 2> $(OUT)/export-real.time
+	grep -E "Maximum resident|Elapsed" $(OUT)/export-real.time
+
+clean:
+	rm -rf $(OUT) build *.egg-info .pytest_cache .ruff_cache
