@@ -58,7 +58,9 @@ def read_added_tokens(ckpt: Path) -> dict[str, int]:
     tok = read_json(ckpt / names.TOKENIZER_JSON)
     added = tok.get("added_tokens")
     if not isinstance(added, list):
-        raise CheckpointError(f"{ckpt / names.TOKENIZER_JSON}: no 'added_tokens' list and no {names.ADDED_TOKENS}")
+        raise CheckpointError(
+            f"{ckpt / names.TOKENIZER_JSON}: no 'added_tokens' list and no {names.ADDED_TOKENS}"
+        )
     return {str(t["content"]): int(t["id"]) for t in added}
 
 
@@ -78,7 +80,9 @@ def find_action_range(added: dict[str, int], source: str) -> tuple[int, int]:
     count = len(by_index)
     missing = sorted(set(range(count)) - set(by_index))
     if missing:
-        raise CheckpointError(f"{source}: action tokens not numbered 0..{count - 1}; missing e.g. {missing[:5]}")
+        raise CheckpointError(
+            f"{source}: action tokens not numbered 0..{count - 1}; missing e.g. {missing[:5]}"
+        )
     base = by_index[0]
     bad = [(i, by_index[i]) for i in range(count) if by_index[i] != base + i]
     if bad:
@@ -178,7 +182,9 @@ class NoraCheckpoint:
                 )
             return next(iter(self.norm_stats.values()))
         if unnorm_key not in self.norm_stats:
-            raise InputError(f"unknown unnorm_key {unnorm_key!r}; {names.NORM_STATS} has {sorted(self.norm_stats)}")
+            raise InputError(
+                f"unknown unnorm_key {unnorm_key!r}; {names.NORM_STATS} has {sorted(self.norm_stats)}"
+            )
         return self.norm_stats[unnorm_key]
 
     @classmethod
@@ -201,7 +207,9 @@ class NoraCheckpoint:
                 raise CheckpointError(f"missing file: {ckpt / name}")
         config = read_json(ckpt / names.CONFIG)
         if "vision_config" not in config:
-            raise CheckpointError(f"{ckpt / names.CONFIG}: missing field 'vision_config' (not a Qwen2.5-VL config)")
+            raise CheckpointError(
+                f"{ckpt / names.CONFIG}: missing field 'vision_config' (not a Qwen2.5-VL config)"
+            )
         text = config.get("text_config") or config
         vocab = _field(text, "vocab_size", ckpt / names.CONFIG)
         generation_config = read_json(ckpt / names.GENERATION_CONFIG)
@@ -294,7 +302,9 @@ def _resolve_horizon(fast: FastConfig, time_horizon: int | None) -> int:
             f"{src}: field 'time_horizon' is null (FAST+); pass time_horizon (1 for NORA, 5 for NORA-Long)"
         )
     if fast.time_horizon is not None and time_horizon is not None and fast.time_horizon != time_horizon:
-        raise CheckpointError(f"{src}: field 'time_horizon' = {fast.time_horizon} but {time_horizon} was requested")
+        raise CheckpointError(
+            f"{src}: field 'time_horizon' = {fast.time_horizon} but {time_horizon} was requested"
+        )
     return int(time_horizon if time_horizon is not None else fast.time_horizon)
 
 
