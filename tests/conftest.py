@@ -1,0 +1,57 @@
+"""Session-wide test fixtures: NORA-format checkpoints built once per session, and deterministic images.
+
+Fixture names are a contract other test folders rely on:
+  tiny_ckpt           tiny preset, horizon 1 (NORA), one unnorm key ("fixture_robot")
+  tiny_ckpt_h5        tiny preset, horizon 5 (NORA-Long)
+  tiny_ckpt_multikey  tiny preset, horizon 1, unnorm keys "fixture_robot", "other_robot"
+  medium_ckpt         medium preset (91.9 M params), horizon 5; built only when a test asks for it
+  make_rgb_image      callable (seed=0, height=224, width=224) -> (H, W, 3) uint8
+Each builds lazily (pytest only creates a session fixture when a test requests it) and the export stage is
+imported inside the fixture, so runtime-only tests never import torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:
+    from nora_edge.export.fixtures import build_fixture
+
+    return build_fixture(tmp_path_factory.mktemp("ckpt") / name, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny NORA-format checkpoint, FAST time horizon 1, seed 0."""
+    return _build(tmp_path_factory, "tiny_h1", preset="tiny", horizon=1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny NORA-format checkpoint, FAST time horizon 5 (NORA-Long), seed 0."""
+    return _build(tmp_path_factory, "tiny_h5", preset="tiny", horizon=5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_multikey(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny checkpoint whose norm_stats.json has two keys ("fixture_robot", "other_robot")."""
+    return _build(
+        tmp_path_factory, "tiny_multikey", preset="tiny", horizon=1, seed=0, extra_norm_keys=("other_robot",)
+    )
+
+
+@pytest.fixture(scope="session")
+def medium_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Medium (91.9 M params) NORA-format checkpoint, horizon 5, seed 0; ~3 s to build."""
+    return _build(tmp_path_factory, "medium_h5", preset="medium", horizon=5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def make_rgb_image():
+    """Factory for deterministic test images: ``make_rgb_image(seed=0, height=224, width=224)``."""
+    from nora_edge.export.images import random_rgb_image
+
+    return random_rgb_image
