@@ -22,10 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nora_edge.actions.dct import idct_ortho
+from nora_edge.actions.dct import idct_basis
+from nora_edge.actions.result import DecodeResult, decode_batch
 from nora_edge.errors import BundleError, CheckpointError, DetokenizationError
 
 TABLE_FORMAT_VERSION = 1
+RAW_OFFSETS = "fast_offsets.i32"  # little-endian int32 (V+1,)
+RAW_DATA = "fast_bytes.u8"  # uint8 (N,)
+RAW_META = "fast_table.json"  # min_token, scale, alphabet_max, vocab_size, format_version
 
 
 def detokenization_error(reason: str, message: str) -> DetokenizationError:
@@ -73,6 +77,20 @@ def check_id_range(ids: np.ndarray, vocab_size: int) -> None:
         )
 
 
+def id_list(ids: object, vocab_size: int) -> list[int]:
+    """Validate one id sequence (integers in [0, vocab_size)) and return it as a list of Python ints.
+
+    A list of plain ints (what generation produces) takes a fast path without numpy.
+    """
+    if isinstance(ids, list) and all(type(i) is int for i in ids):
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            check_id_range(np.asarray(ids, dtype=np.int64), vocab_size)
+        return ids
+    arr = as_id_array(ids)
+    check_id_range(arr, vocab_size)
+    return arr.tolist()
+
+
 def as_id_array(ids: object) -> np.ndarray:
     """Convert one id sequence to int64 (L,), raising ``not_integer`` for anything that is not integral."""
     arr = np.asarray(ids)
@@ -113,12 +131,16 @@ class ByteTable:
         if data.dtype != np.uint8 or data.ndim != 1:
             raise BundleError(f"byte table data must be uint8 (N,), got {data.dtype} {data.shape}")
         if offsets[0] != 0 or offsets[-1] != data.size or np.any(np.diff(offsets) < 1):
-            raise BundleError("byte table offsets must start at 0, end at len(data) and give every id >= 1 byte")
+            raise BundleError(
+                "byte table offsets must start at 0, end at len(data) and give every id >= 1 byte"
+            )
         if not (np.isfinite(self.scale) and self.scale > 0):
             raise BundleError(f"byte table scale must be a positive finite number, got {self.scale!r}")
         raw = data.tobytes()
         bounds = offsets.tolist()
-        object.__setattr__(self, "_token_bytes", [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        object.__setattr__(
+            self, "_token_bytes", [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -187,6 +209,64 @@ class ByteTable:
             raise
         return path
 
+    def save_raw(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the raw files a C/CUDA decoder reads (``RAW_OFFSETS``, ``RAW_DATA``, ``RAW_META``), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": TABLE_FORMAT_VERSION,
+            "vocab_size": self.vocab_size,
+            "n_bytes": int(self.data.size),
+            "min_token": self.min_token,
+            "scale": self.scale,
+            "alphabet_max": self.alphabet_max,
+        }
+        payloads = {
+            RAW_OFFSETS: self.offsets.astype("<i4").tobytes(),
+            RAW_DATA: self.data.tobytes(),
+            RAW_META: (json.dumps(meta, indent=2) + "\n").encode("utf-8"),
+        }
+        for name, payload in payloads.items():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                os.replace(tmp, directory / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return directory
+
+    @classmethod
+    def load_raw(cls, directory: str | os.PathLike[str]) -> ByteTable:
+        """Read the files written by :meth:`save_raw`.
+
+        Raises:
+            BundleError: a file is missing, the meta is malformed, or sizes disagree with the meta.
+        """
+        directory = Path(directory)
+        for name in (RAW_OFFSETS, RAW_DATA, RAW_META):
+            if not (directory / name).is_file():
+                raise BundleError(f"byte table file missing: {directory / name}")
+        try:
+            meta = json.loads((directory / RAW_META).read_text(encoding="utf-8"))
+            version, vocab, n_bytes = meta["format_version"], meta["vocab_size"], meta["n_bytes"]
+            min_token, scale, alphabet_max = meta["min_token"], meta["scale"], meta["alphabet_max"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{directory / RAW_META}: malformed ({exc!r})") from exc
+        if version != TABLE_FORMAT_VERSION:
+            raise BundleError(
+                f"{directory / RAW_META}: format_version {version}, expected {TABLE_FORMAT_VERSION}"
+            )
+        offsets = np.fromfile(directory / RAW_OFFSETS, dtype="<i4").astype(np.int32)
+        data = np.fromfile(directory / RAW_DATA, dtype=np.uint8)
+        if offsets.size != vocab + 1 or data.size != n_bytes:
+            raise BundleError(
+                f"{directory}: {RAW_OFFSETS} has {offsets.size} entries (expected {vocab + 1}),"
+                f" {RAW_DATA} {data.size} bytes (expected {n_bytes})"
+            )
+        return cls(offsets, data, int(min_token), float(scale), int(alphabet_max))
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ByteTable:
         """Read a table written by :meth:`save`.
@@ -221,16 +301,11 @@ class ByteTable:
 
     def concat_bytes(self, ids: object) -> bytes:
         """Range-check one id sequence and concatenate its tokens' bytes."""
-        arr = as_id_array(ids)
-        check_id_range(arr, self.vocab_size)
         table = self._token_bytes
-        return b"".join([table[i] for i in arr.tolist()])
+        return b"".join([table[i] for i in id_list(ids, self.vocab_size)])
 
-    def code_points(self, ids: object) -> np.ndarray:
-        """Strictly decode one id sequence to Unicode code points.
-
-        Returns:
-            int64 (L,) code points.
+    def text(self, ids: object) -> str:
+        """Strictly decode one id sequence to a string (one char per coefficient).
 
         Raises:
             DetokenizationError: out-of-range id, or invalid UTF-8 (the message names the byte offset,
@@ -238,13 +313,16 @@ class ByteTable:
         """
         raw = self.concat_bytes(ids)
         try:
-            text = raw.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self._utf8_error(ids, raw, exc.start, exc.reason) from None
-        return np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)  # (L,)
+
+    def code_points(self, ids: object) -> np.ndarray:
+        """Strictly decode one id sequence to int64 (L,) Unicode code points (see :meth:`text`)."""
+        return np.frombuffer(self.text(ids).encode("utf-32-le"), dtype="<u4").astype(np.int64)  # (L,)
 
     def _utf8_error(self, ids: object, raw: bytes, offset: int, why: str) -> DetokenizationError:
-        arr = as_id_array(ids)
+        arr = np.asarray(id_list(ids, self.vocab_size), dtype=np.int64)
         ends = np.cumsum(self.lengths[arr])  # (L,) end byte offset of each id
         pos = int(np.searchsorted(ends, offset, side="right"))
         return detokenization_error(
@@ -253,37 +331,76 @@ class ByteTable:
             f" {int(arr[pos])} at position {pos}; {len(raw)} bytes from {arr.size} ids",
         )
 
-    def coefficients_from_code_points(self, cps: np.ndarray, time_horizon: int, action_dim: int) -> np.ndarray:
-        """Alphabet check, ``+ min_token`` and count check.
-
-        Args:
-            cps: int64 (L,) code points.
-
-        Returns:
-            int64 (T, D) quantized DCT coefficients.
-        """
-        bad = np.flatnonzero(cps > self.alphabet_max)
-        if bad.size:
-            i = int(bad[0])
+    def check_text(self, text: str, time_horizon: int, action_dim: int) -> None:
+        """Raise unless ``text`` holds exactly T*D chars, all inside the coefficient alphabet."""
+        if text and ord(max(text)) > self.alphabet_max:
+            i, cp = next((i, ord(ch)) for i, ch in enumerate(text) if ord(ch) > self.alphabet_max)
             raise detokenization_error(
                 "coefficient_out_of_range",
-                f"coefficient {int(cps[i]) + self.min_token} (code point U+{int(cps[i]):04X}) at index {i}"
-                f" is outside the tokenizer's alphabet [{self.min_token}, {self.alphabet_max + self.min_token}]",
+                f"coefficient {cp + self.min_token} (code point U+{cp:04X}) at index {i} is outside the"
+                f" tokenizer's alphabet [{self.min_token}, {self.alphabet_max + self.min_token}]",
             )
         expected = time_horizon * action_dim
-        if cps.size != expected:
+        if len(text) != expected:
             raise detokenization_error(
                 "wrong_count",
-                f"decoded {cps.size} coefficients, expected time_horizon*action_dim ="
+                f"decoded {len(text)} coefficients, expected time_horizon*action_dim ="
                 f" {time_horizon}*{action_dim} = {expected}",
             )
+
+    def coefficients_from_text(self, text: str, time_horizon: int, action_dim: int) -> np.ndarray:
+        """Checked chars -> int64 (T, D) quantized DCT coefficients (code point + min_token)."""
+        self.check_text(text, time_horizon, action_dim)
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)  # (T*D,)
         return (cps + self.min_token).reshape(time_horizon, action_dim)  # (T, D)
+
+    def actions_from_text(self, text: str, time_horizon: int, action_dim: int) -> np.ndarray:
+        """Checked chars -> float64 (T, D) actions: iDCT of (code point + min_token) / scale."""
+        self.check_text(text, time_horizon, action_dim)
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.float64)  # (T*D,)
+        coeffs = ((cps + self.min_token) / self.scale).reshape(time_horizon, action_dim)  # (T, D)
+        return np.matmul(idct_basis(time_horizon), coeffs)  # (T, T) @ (T, D)
 
     def decode_coefficients(self, ids: object, time_horizon: int, action_dim: int) -> np.ndarray:
         """Strict decode of one id sequence to int64 (T, D) coefficients."""
-        return self.coefficients_from_code_points(self.code_points(ids), time_horizon, action_dim)
+        return self.coefficients_from_text(self.text(ids), time_horizon, action_dim)
 
     def decode_chunk(self, ids: object, time_horizon: int, action_dim: int) -> np.ndarray:
         """Strict decode of one id sequence to float64 (T, D) actions (iDCT of coefficients / scale)."""
-        coeffs = self.decode_coefficients(ids, time_horizon, action_dim)  # (T, D)
-        return idct_ortho(coeffs / self.scale)
+        return self.actions_from_text(self.text(ids), time_horizon, action_dim)
+
+    def decode(
+        self,
+        ids: object,
+        time_horizon: int,
+        action_dim: int,
+        *,
+        on_error: str = "raise",
+        last_good: np.ndarray | None = None,
+    ) -> np.ndarray | DecodeResult:
+        """Batch decode without ``tokenizers``; same contract as ``FastTokenizer.decode``.
+
+        Returns:
+            float64 (B, T, D) for "raise"; :class:`DecodeResult` for "hold".
+        """
+        return decode_batch(
+            lambda seq: self.decode_chunk(seq, time_horizon, action_dim),
+            ids,
+            time_horizon,
+            action_dim,
+            on_error,
+            last_good,
+        )
+
+
+def decode_with_table(
+    table: ByteTable,
+    ids: object,
+    time_horizon: int,
+    action_dim: int,
+    *,
+    on_error: str = "raise",
+    last_good: np.ndarray | None = None,
+) -> np.ndarray | DecodeResult:
+    """Function form of :meth:`ByteTable.decode`."""
+    return table.decode(ids, time_horizon, action_dim, on_error=on_error, last_good=last_good)

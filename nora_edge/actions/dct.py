@@ -41,6 +41,14 @@ def dct_basis(n: int) -> np.ndarray:
     return basis
 
 
+@functools.lru_cache(maxsize=128)
+def idct_basis(n: int) -> np.ndarray:
+    """Read-only C-contiguous transpose of :func:`dct_basis` (the DCT-III matrix), float64 (n, n)."""
+    basis = np.ascontiguousarray(dct_basis(n).T)
+    basis.setflags(write=False)
+    return basis
+
+
 def dct_ortho(x: np.ndarray) -> np.ndarray:
     """DCT-II (norm="ortho") along the time axis (second to last).
 
@@ -64,4 +72,4 @@ def idct_ortho(coeffs: np.ndarray) -> np.ndarray:
         float64 array (..., T, D) in the time domain.
     """
     coeffs = np.asarray(coeffs, dtype=np.float64)
-    return np.matmul(dct_basis(coeffs.shape[-2]).T, coeffs)  # (T, T) @ (..., T, D) -> (..., T, D)
+    return np.matmul(idct_basis(coeffs.shape[-2]), coeffs)  # (T, T) @ (..., T, D) -> (..., T, D)
