@@ -1,0 +1,229 @@
+"""ONNX Runtime sessions for the bundle's graphs: provider choice, threads, IO binding.
+
+Data flow: bundle component (file + manifest I/O spec + precision) + providers request ("auto", a name or a
+list) -> :func:`resolve_providers` (TensorRT EP with an engine cache and fp16/int8 flags from the manifest
+-> CUDA EP -> CPU EP, keeping only what this onnxruntime build offers) -> ``InferenceSession`` checked against
+the manifest's input/output names -> :class:`GraphSession.run`: feeds (numpy or OrtValue) bound with IO
+binding, outputs bound on the session's device; outputs named in ``keep`` stay OrtValues (the KV cache never
+round-trips through numpy, and on a GPU never leaves it), the rest come back as numpy.
+
+TensorRT flags: ``trt_fp16_enable`` when the component precision names fp16 (or "mixed"), ``trt_int8_enable``
+when it names int8; a component's ``meta["tensorrt"]`` dict overrides any ``trt_*`` option explicitly.
+The engine cache lives outside the bundle (a verified bundle may not hold unlisted files).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from nora_edge.bundle import ComponentSpec
+from nora_edge.errors import BundleError, InputError
+
+TRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+AUTO_ORDER = (TRT_EP, CUDA_EP, CPU_EP)
+_GPU_EPS = (TRT_EP, CUDA_EP)
+_ORT_STATE = ort.capi.onnxruntime_pybind11_state
+_ORT_LOAD_ERRORS = (
+    _ORT_STATE.Fail,
+    _ORT_STATE.InvalidGraph,
+    _ORT_STATE.InvalidProtobuf,
+    _ORT_STATE.NoSuchFile,
+)
+
+
+def default_cache_dir() -> Path:
+    """Where TensorRT engines are cached: ``$NORA_EDGE_CACHE`` or ``~/.cache/nora-edge``, then ``/trt``."""
+    root = os.environ.get("NORA_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nora-edge")
+    return Path(root) / "trt"
+
+
+def tensorrt_options(precision: str, meta: Mapping, cache_dir: Path) -> dict:
+    """TensorRT EP options for one component.
+
+    Args:
+        precision: the component's precision/recipe name from the manifest.
+        meta: the component's manifest ``meta``; ``meta["tensorrt"]`` (dict) overrides options.
+        cache_dir: engine + timing cache folder.
+
+    Returns:
+        option name -> value (strings, as the EP expects).
+    """
+    p = precision.lower()
+    opts = {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": str("fp16" in p or "mixed" in p),
+        "trt_int8_enable": str("int8" in p),
+    }
+    extra = meta.get("tensorrt", {}) if isinstance(meta, Mapping) else {}
+    if not isinstance(extra, Mapping):
+        raise BundleError(f"component meta 'tensorrt' must be an object, got {type(extra).__name__}")
+    opts.update({str(k): str(v) for k, v in extra.items()})
+    return opts
+
+
+def resolve_providers(
+    providers: str | Sequence[str],
+    *,
+    precision: str = "fp32",
+    meta: Mapping | None = None,
+    cache_dir: Path | None = None,
+    available: Sequence[str] | None = None,
+) -> list[tuple[str, dict]]:
+    """Pick execution providers with their options.
+
+    Args:
+        providers: "auto" (TensorRT -> CUDA -> CPU, whatever is available), one provider name, a short name
+            ("tensorrt", "cuda", "cpu"), or a list of those in priority order.
+        precision: component precision (drives the TensorRT fp16/int8 flags).
+        meta: component meta (``tensorrt`` overrides).
+        cache_dir: TensorRT engine cache; default :func:`default_cache_dir`.
+        available: providers of this onnxruntime build (default ``ort.get_available_providers()``).
+
+    Returns:
+        [(provider name, options)], CPU last as the fallback ORT itself needs for unsupported nodes.
+
+    Raises:
+        InputError: an unknown provider, or an explicitly requested one this build does not have.
+    """
+    avail = list(available if available is not None else ort.get_available_providers())
+    short = {"tensorrt": TRT_EP, "trt": TRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
+    if isinstance(providers, str) and providers == "auto":
+        wanted = [p for p in AUTO_ORDER if p in avail]
+    else:
+        names = [providers] if isinstance(providers, str) else list(providers)
+        if not names:
+            raise InputError("providers list is empty; pass 'auto' or e.g. ['cpu']")
+        wanted = []
+        for n in names:
+            full = short.get(str(n).lower(), str(n))
+            if full not in AUTO_ORDER and full not in avail:
+                raise InputError(f"unknown execution provider {n!r}; known: {list(short)} or {AUTO_ORDER}")
+            if full not in avail:
+                raise InputError(
+                    f"execution provider {full} is not available in this onnxruntime build ({avail})"
+                )
+            wanted.append(full)
+    if CPU_EP not in wanted:
+        wanted.append(CPU_EP)
+    out = []
+    for p in wanted:
+        if p == TRT_EP:
+            cdir = cache_dir or default_cache_dir()
+            cdir.mkdir(parents=True, exist_ok=True)
+            out.append((p, tensorrt_options(precision, meta or {}, cdir)))
+        else:
+            out.append((p, {}))
+    return out
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Session options: full graph optimization, ``threads`` intra-op threads (None = ORT's default)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InputError(f"threads must be a positive int or None, got {threads!r}")
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+class GraphSession:
+    """One ONNX graph, run with IO binding.
+
+    Attributes:
+        name: component name ("vision", "decoder").
+        session: the ``ort.InferenceSession``.
+        device: "cuda" when a GPU provider runs it, else "cpu" (where bound outputs live).
+        providers: the providers the session actually uses.
+    """
+
+    def __init__(self, name: str, session: ort.InferenceSession) -> None:
+        self.name = name
+        self.session = session
+        self.providers = session.get_providers()
+        self.device = "cuda" if any(p in _GPU_EPS for p in self.providers) else "cpu"
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray | ort.OrtValue],
+        fetch: Sequence[str] | None = None,
+        keep: frozenset[str] | set[str] = frozenset(),
+    ) -> dict[str, np.ndarray | ort.OrtValue]:
+        """Run the graph.
+
+        Args:
+            feeds: input name -> numpy array or OrtValue (an OrtValue from a previous ``keep`` is not copied).
+            fetch: outputs to return (default all).
+            keep: outputs returned as OrtValues on the session's device instead of numpy.
+
+        Returns:
+            output name -> numpy array (or OrtValue for names in ``keep``).
+        """
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        names = list(fetch) if fetch is not None else self.output_names
+        for name in names:
+            binding.bind_output(name, self.device if name in keep else "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {n: (v if n in keep else v.numpy()) for n, v in zip(names, values, strict=True)}
+
+
+def check_io(session: ort.InferenceSession, spec: ComponentSpec, path: Path) -> None:
+    """The graph's input/output names must be the manifest's (order free).
+
+    Raises:
+        BundleError: naming the file and the first missing/unexpected tensor.
+    """
+    got_in = {i.name for i in session.get_inputs()}
+    got_out = {o.name for o in session.get_outputs()}
+    for kind, got, want in (
+        ("input", got_in, set(spec.input_names)),
+        ("output", got_out, set(spec.output_names)),
+    ):
+        if got != want:
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise BundleError(
+                f"{path}: graph {kind}s disagree with manifest.json: missing {missing[:4]}, unexpected {extra[:4]}"
+            )
+
+
+def open_session(
+    name: str,
+    path: Path,
+    spec: ComponentSpec,
+    *,
+    providers: str | Sequence[str] = "auto",
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+) -> GraphSession:
+    """Create and check the session of one bundle component.
+
+    Raises:
+        BundleError: the graph does not load or its I/O disagrees with the manifest.
+        InputError: a bad providers/threads request.
+    """
+    chosen = resolve_providers(providers, precision=spec.precision, meta=spec.meta, cache_dir=cache_dir)
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=chosen)
+    except _ORT_LOAD_ERRORS as e:
+        raise BundleError(f"{path}: onnxruntime cannot load the graph ({e})") from e
+    check_io(sess, spec, path)
+    return GraphSession(name, sess)
