@@ -1,0 +1,57 @@
+"""Quantization recipes for bundle components (``nora_edge.export.quantize``).
+
+Data flow: recipe name -> :func:`get_recipe` -> :class:`BundleRecipe` -> per graph
+:func:`apply_recipe` (fp32 .onnx + calibration feeds -> quantized .onnx + :class:`QuantResult`); the numpy
+embedding table goes through :func:`quantize_embedding_table`. Calibration feeds come from
+``nora_edge.export.quantize.calibration``.
+
+Modules: ``recipes`` (dataclasses + registry), ``graph`` (load/save, Gemm->MatMul, MatMulNBits guard),
+``fp16`` (FP32 islands), ``int8`` (dynamic, QDQ), ``weight_only`` (MatMulNBits), ``embeddings``,
+``apply`` (one graph), ``calibration`` (samples -> feeds), ``bundle_quant`` (fp32 bundle -> quantized bundle
+with its fidelity report: the entry point for ``export_bundle(precision=...)``).
+"""
+
+from .apply import QuantResult, apply_recipe, check_parity
+from .bundle_quant import quantize_bundle
+from .calibration import CalibrationSample, load_calibration_dir, record_feeds, synthetic_samples
+from .embeddings import EmbeddingTable, lookup_rows, quantize_embedding_table
+from .graph import check_nbits_accuracy, find_head_nodes, rewrite_gemm_to_matmul
+from .recipes import (
+    COMPONENTS,
+    BundleRecipe,
+    EmbeddingRecipe,
+    Fp16Recipe,
+    Fp32Recipe,
+    Int8DynamicRecipe,
+    Int8QdqRecipe,
+    WeightOnlyRecipe,
+    get_recipe,
+    list_recipes,
+)
+
+__all__ = [
+    "COMPONENTS",
+    "BundleRecipe",
+    "CalibrationSample",
+    "EmbeddingRecipe",
+    "EmbeddingTable",
+    "Fp16Recipe",
+    "Fp32Recipe",
+    "Int8DynamicRecipe",
+    "Int8QdqRecipe",
+    "QuantResult",
+    "WeightOnlyRecipe",
+    "apply_recipe",
+    "check_nbits_accuracy",
+    "check_parity",
+    "find_head_nodes",
+    "get_recipe",
+    "list_recipes",
+    "load_calibration_dir",
+    "lookup_rows",
+    "quantize_bundle",
+    "quantize_embedding_table",
+    "record_feeds",
+    "rewrite_gemm_to_matmul",
+    "synthetic_samples",
+]

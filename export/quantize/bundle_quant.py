@@ -1,0 +1,174 @@
+"""fp32 bundle -> quantized bundle, with calibration from the fp32 graphs and a fidelity report.
+
+Data flow: fp32 bundle --:func:`record_feeds` (calibration samples through NoraPolicy, CPU)--> feeds per graph
+--:func:`apply_recipe` per graph (vision, decoder with its head)--> quantized graphs; embeddings table ->
+recipe dtype; every other bundle file copied -> hidden temp bundle (manifest: per-component precision and a
+``quantization`` section with each :class:`QuantResult`) --:func:`fidelity_report` vs the fp32 bundle on
+held-out samples--> final bundle = temp files moved + ``fidelity_report.json`` / ``.md``, manifest last,
+atomic rename to ``out``. The fp32 bundle is never modified.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from nora_edge import bundle as B
+from nora_edge.bundle import Bundle, BundleWriter, ComponentSpec
+from nora_edge.errors import ExportError
+
+from .apply import apply_recipe
+from .calibration import CalibrationSample, record_feeds, synthetic_samples
+from .embeddings import quantize_embedding_table
+from .recipes import BundleRecipe, get_recipe
+
+_EMB_DTYPE = {"fp32": "float32", "fp16": "float16"}
+_MANAGED = ("schema_version", "nora_edge_version", "files")
+
+
+def _component_files(manifest: dict) -> set[str]:
+    out = set()
+    for comp in manifest["components"].values():
+        out.add(comp["file"])
+        out.update(comp.get("data_files", []))
+    return out
+
+
+def check_source(src: Bundle, recipe: BundleRecipe) -> None:
+    """The source must be an fp32 bundle and the recipe's embedding storage loadable by the runtime.
+
+    Raises:
+        ExportError: naming the component or option at fault.
+    """
+    for name in ("vision", "decoder"):
+        p = src.components[name].precision
+        if p != "fp32":
+            raise ExportError(
+                f"{src.path}: components.{name}.precision is {p!r}; quantize from an fp32 bundle"
+            )
+    if recipe.embeddings.dtype not in _EMB_DTYPE:
+        raise ExportError(
+            f"recipe '{recipe.name}': embeddings dtype {recipe.embeddings.dtype!r} needs per-row scale support in "
+            "the runtime's embedding lookup (nora_edge.generate.Decoder), which it does not have yet"
+        )
+
+
+def quantize_bundle(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    recipe: str | BundleRecipe,
+    *,
+    calibration: Sequence[CalibrationSample] | None = None,
+    held_out: Sequence[CalibrationSample] | None = None,
+    n_calibration: int = 8,
+    n_fidelity: int = 8,
+    seed: int = 0,
+    unnorm_key: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a quantized copy of an fp32 bundle.
+
+    Args:
+        src: fp32 bundle directory.
+        out: bundle directory to create.
+        recipe: registry name or :class:`BundleRecipe`.
+        calibration: calibration samples (default: ``n_calibration`` synthetic frames, seed ``seed``).
+        held_out: fidelity samples (default: ``n_fidelity`` synthetic frames, seed ``seed + 1``; 0 skips).
+        unnorm_key: norm-stats key for the runs (default: the first key).
+        overwrite: replace an existing bundle at ``out``.
+
+    Returns:
+        ``out`` (loads with ``NoraPolicy.load``).
+
+    Raises:
+        ExportError: non-fp32 source, unsupported option, a failed recipe or parity check.
+    """
+    src_b = Bundle.load(src)
+    r = get_recipe(recipe)
+    check_source(src_b, r)
+    out = Path(out)
+    samples = list(calibration) if calibration is not None else synthetic_samples(n_calibration, seed)
+    if held_out is not None:
+        held = list(held_out)
+    else:
+        held = synthetic_samples(n_fidelity, seed + 1) if n_fidelity else []
+    key = unnorm_key if unnorm_key is not None else sorted(src_b.norm_stats)[0]
+    feeds = record_feeds(src_b.path, samples, unnorm_key=key)
+    tmp = out.parent / f".{out.name}.quant-{secrets.token_hex(4)}"
+    try:
+        sections = _write_quantized(src_b, tmp, r, feeds, len(samples))
+        report = None
+        if held:
+            from nora_edge.export.fidelity import fidelity_report
+
+            report = fidelity_report(
+                src_b.path,
+                tmp,
+                held,
+                unnorm_key=key,
+                labels=(f"{src_b.path.name} (fp32)", f"{out.name} ({r.name})"),
+            )
+        return _finalize(tmp, out, sections, report, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_quantized(src: Bundle, tmp: Path, r: BundleRecipe, feeds: dict, n_samples: int) -> dict:
+    """Quantize graphs + embeddings into a committed bundle at ``tmp``; return its manifest sections."""
+    manifest = src.manifest
+    with BundleWriter(tmp) as w:
+        comps = dict(manifest["components"])
+        results = {}
+        for name in ("vision", "decoder"):
+            spec = src.components[name]
+            res = apply_recipe(name, src.file(spec.file), w.path / spec.file, r, feeds[name])
+            results[name] = {k: v for k, v in res.to_json().items() if k != "output_path"}
+            comps[name] = ComponentSpec(
+                file=spec.file, data_files=res.data_files, precision=res.precision,
+                inputs=spec.inputs, outputs=spec.outputs, meta=spec.meta,
+            ).to_json()  # fmt: skip
+        emb = src.embeddings
+        table = np.load(src.file(emb["file"]), allow_pickle=False).astype(np.float32)  # (V, H)
+        stored = quantize_embedding_table(table, r.embeddings)
+        np.save(w.path / emb["file"], stored.table, allow_pickle=False)
+        comps["embeddings"] = {**emb, "dtype": _EMB_DTYPE[stored.dtype], "shape": list(stored.table.shape)}
+        skip = _component_files(manifest) | {emb["file"], "fidelity_report.json", "fidelity_report.md"}
+        for rel in manifest["files"]:
+            if rel not in skip:
+                w.copy_file(rel, src.path / rel)
+        sections = {k: v for k, v in manifest.items() if k not in _MANAGED}
+        sections["components"] = comps
+        sections["quantization"] = {
+            "recipe": r.describe(),
+            "source_bundle": src.path.name,
+            "calibration": {"samples": n_samples, **{k: len(v) for k, v in feeds.items()}},
+            "components": results,
+            "embeddings": {"dtype": stored.dtype, "bytes": stored.nbytes},
+        }
+        sections["export"] = {**manifest.get("export", {}), "precision": r.name}
+        w.commit(sections)
+    return sections
+
+
+def _finalize(tmp: Path, out: Path, sections: dict, report: dict | None, overwrite: bool) -> Path:
+    """Move the temp bundle's files into a new bundle at ``out`` with the fidelity report; commit."""
+    from nora_edge.export.fidelity import REPORT_JSON, REPORT_MD, render_markdown
+
+    with BundleWriter(out, overwrite=overwrite) as w:
+        for rel in B.list_files(tmp):
+            dst = w.path / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / rel, dst)
+        if report is not None:
+            w.write_json(REPORT_JSON, report)
+            w.write_bytes(REPORT_MD, render_markdown(report).encode("utf-8"))
+            sections = {
+                **sections,
+                "quantization": {**sections["quantization"], "fidelity": report["aggregates"]},
+            }
+        return w.commit(sections)
