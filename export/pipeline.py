@@ -1,0 +1,284 @@
+"""NORA checkpoint -> validated ONNX bundle, component by component, freeing memory as it goes.
+
+Data flow (each step a progress-bar stage):
+  checkpoint dir --NoraCheckpoint (metadata, no torch)--> fp32 HF model + processor
+  --references (only with validate): HF image features, logits, greedy ids on held-out inputs-->
+  embeddings.npy (fp16) --> vision.onnx (HF vision tower freed) --> decoder.onnx (+ .data; HF layers freed
+  while copied) --> recipes step (quantization hook; fp32 = as exported) --> validation in onnxruntime
+  (torch model gone) --> codec files + tokenizer --> manifest.json LAST --> atomic rename to ``out``.
+
+Everything is written into ``<out>.tmp-<random>`` by :class:`nora_edge.bundle.BundleWriter`; an exception
+(or a kill) anywhere leaves nothing at ``out`` that loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nora_edge import bundle
+from nora_edge.bundle import BundleWriter
+from nora_edge.checkpoint import NoraCheckpoint
+from nora_edge.errors import ExportError
+
+STAGES = ("load", "reference", "embeddings", "vision", "decoder", "recipes", "validate", "codec", "manifest")
+FIDELITY_REPORT = "fidelity_report.json"
+
+
+@contextlib.contextmanager
+def stage_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """Yield ``advance(stage)``: a rich progress bar over STAGES (or a no-op)."""
+    if not enabled:
+        yield lambda stage: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("export: {task.description:<11}"), BarColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task(STAGES[0], total=len(STAGES))
+
+        def advance(stage: str) -> None:
+            bar.update(task, description=stage, completed=STAGES.index(stage))
+
+        yield advance
+        bar.update(task, description="done", completed=len(STAGES))
+
+
+def check_options(precision: str, image_size: int, head: str, embeddings_dtype: str) -> None:
+    """Raise ExportError on an option this exporter cannot honour (before any heavy work)."""
+    if precision != "fp32":
+        raise ExportError(
+            f"precision {precision!r}: int8/int4 land with the quantization issue; this exporter writes fp32 "
+            "(the recipes step in export/pipeline.py is the hook)"
+        )
+    if not isinstance(image_size, int) or image_size < 56 or image_size % 28:
+        raise ExportError(
+            f"image_size must be a multiple of 28 (patch 14 x merge 2) >= 56, got {image_size!r}"
+        )
+    if head not in ("action", "full"):
+        raise ExportError(f"head must be 'action' or 'full', got {head!r}")
+    if embeddings_dtype not in ("float16", "float32"):
+        raise ExportError(f"embeddings_dtype must be 'float16' or 'float32', got {embeddings_dtype!r}")
+
+
+def load_model(ckpt: NoraCheckpoint):
+    """fp32 HF model (eval) with the checkpoint's generation_config, greedy, and its processor."""
+    import torch
+    from nora_edge.export.processor import load_processor
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(ckpt.path), dtype=torch.float32)
+    except Exception as e:  # transformers raises OSError/ValueError/RuntimeError for broken checkpoints
+        raise ExportError(f"{ckpt.path}: transformers cannot load the model ({e})") from e
+    model.eval()
+    model.generation_config = GenerationConfig.from_pretrained(str(ckpt.path))
+    model.generation_config.do_sample = False
+    return model, load_processor(ckpt.path)
+
+
+def apply_recipes(staging: Path, components: dict[str, bundle.ComponentSpec], precision: str) -> dict:
+    """Quantization hook between export and bundle write: rewrite graphs in ``staging`` for ``precision``.
+
+    fp32 returns the components unchanged. A recipe must replace the files in place (or add new ones and
+    delete the old), return updated ComponentSpecs (file, data_files, precision) and leave validation to the
+    caller.
+    """
+    if precision == "fp32":
+        return components
+    raise ExportError(f"precision {precision!r}: int8/int4 land with the quantization issue")
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    fast_dir: str | Path | None = None,
+    time_horizon: int | None = None,
+    precision: str = "fp32",
+    image_size: int = 224,
+    specialise_224: bool = True,
+    head: str = "action",
+    embeddings_dtype: str = "float16",
+    validate: bool = True,
+    validation_prompts: int = 3,
+    validation_tokens: int = 16,
+    report: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    _fail_after: str | None = None,
+) -> Path:
+    """Export a NORA checkpoint to a bundle directory.
+
+    Args:
+        checkpoint: NORA checkpoint directory (HF format).
+        out: bundle directory to create.
+        fast_dir: FAST tokenizer directory (default ``checkpoint/fast``).
+        time_horizon: T when the FAST config leaves it null (1 NORA, 5 NORA-Long).
+        precision: "fp32" (others raise ExportError until the quantization issue lands).
+        image_size: square frame size NORA resizes to (224); a multiple of 28.
+        specialise_224: fold the vision index tensors for the ``image_size`` grid into the graph
+            (input pixel_values only); False exports a resolution-dynamic vision graph.
+        head: "action" (logits rows = action ids + end ids) or "full" (every Qwen id).
+        embeddings_dtype: "float16" (default) or "float32" for embeddings.npy.
+        validate: run the ONNX graphs against PyTorch and refuse (ExportError) when over tolerance.
+        validation_prompts / validation_tokens: held-out prompts and the greedy-token cap for the checks.
+        report: also write ``fidelity_report.json`` (the validation results) into the bundle.
+        overwrite: replace an existing bundle at ``out``.
+        progress: show a rich progress bar.
+        _fail_after: testing hook: raise ExportError right after this stage (simulates a crash).
+
+    Returns:
+        ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
+    """
+    check_options(precision, image_size, head, embeddings_dtype)
+    ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
+    t0 = time.time()
+    with stage_progress(progress) as advance, BundleWriter(out, overwrite=overwrite) as writer:
+        staging = writer.path
+        seconds: dict[str, float] = {}
+        last = [time.time()]
+
+        def done(stage: str) -> None:
+            seconds[stage] = round(time.time() - last[0], 2)
+            last[0] = time.time()
+            if _fail_after == stage:
+                raise ExportError(f"simulated failure after stage '{stage}'")
+            if stage != STAGES[-1]:
+                advance(STAGES[STAGES.index(stage) + 1])
+
+        opts = ExportOptions(
+            image_size,
+            specialise_224,
+            head,
+            embeddings_dtype,
+            validate,
+            validation_prompts,
+            validation_tokens,
+        )
+        sections = export_graphs(ckpt, staging, opts, done)
+        if report:
+            writer.write_json(FIDELITY_REPORT, {"precision": precision, "validation": sections["validation"]})
+        sections["export"] = {
+            "seconds": round(time.time() - t0, 1),
+            "stage_seconds": seconds,
+            "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "precision": precision,
+            "specialised_vision": specialise_224,
+            "head": head,
+        }
+        path = writer.commit(sections)
+        done("manifest")
+    return path
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The graph-shaping options of :func:`export_bundle` (see its docstring)."""
+
+    image_size: int
+    specialise: bool
+    head: str
+    embeddings_dtype: str
+    validate: bool
+    validation_prompts: int
+    validation_tokens: int
+
+
+def export_graphs(
+    ckpt: NoraCheckpoint, staging: Path, opts: ExportOptions, done: Callable[[str], None]
+) -> dict:
+    """Every stage up to (not including) the manifest; returns the manifest sections."""
+    image_size, specialise, head, emb_dtype = (
+        opts.image_size,
+        opts.specialise,
+        opts.head,
+        opts.embeddings_dtype,
+    )
+    validate, n_prompts, n_tokens = opts.validate, opts.validation_prompts, opts.validation_tokens
+    from nora_edge.export import manifest_sections as ms
+    from nora_edge.export.decoder import export_decoder, head_rows_for
+    from nora_edge.export.embeddings import export_embeddings
+    from nora_edge.export.validate import reference_cases, validate_graphs, vision_cases
+    from nora_edge.export.vision import export_vision
+
+    model, processor = load_model(ckpt)
+    vocab = int(model.config.text_config.vocab_size)
+    meta = {
+        "action_base": ckpt.action_base,
+        "num_action_tokens": ckpt.num_action_tokens,
+        "end_ids": ms.end_ids(ckpt),
+    }
+    rows = head_rows_for(meta, head, vocab)
+    sections = {
+        "source_checkpoint": ms.source_checkpoint(ckpt),
+        "prompt": ms.prompt_section(processor, ckpt, image_size),
+        "image": ms.image_section(ckpt, image_size),
+        "actions": ms.actions_section(ckpt, head, rows),
+        "generation": ms.generation_section(ckpt),
+        "codec": ms.codec_section(ckpt),
+        "norm_stats": ms.norm_stats_section(ckpt),
+    }
+    done("load")
+    patch = int(ckpt.vision_config["patch_size"])
+    grid = (1, image_size // patch, image_size // patch)  # the frame's (t, h, w) in patches
+    vrefs = prefs = None
+    if validate:
+        grids = [grid] if specialise else [grid, (1, 12, 20), (1, 18, 22)]
+        vrefs = vision_cases(model, grids)
+        prefs = reference_cases(model, processor, rows, n_prompts=n_prompts, max_new_tokens=n_tokens)
+    done("reference")
+    emb = export_embeddings(model, staging / bundle.EMBEDDINGS, dtype=emb_dtype)
+    # a view, not a copy: it keeps only the (fp32) embedding storage alive once the model is deleted
+    table = model.get_input_embeddings().weight.detach().numpy() if validate else None
+    done("embeddings")
+    vspec = export_vision(
+        model, staging / bundle.VISION_ONNX, specialise_grid=grid if specialise else None, free_source=True
+    )
+    model.model.visual = None
+    gc.collect()
+    done("vision")
+    dspec = export_decoder(model, staging / bundle.DECODER_ONNX, rows, head=head, free_source=True)
+    del model
+    gc.collect()
+    done("decoder")
+    comps = apply_recipes(staging, {"vision": vspec, "decoder": dspec}, "fp32")
+    done("recipes")
+    validation: dict = {"embeddings": {**emb["conversion"], "dtype": emb_dtype}}
+    if validate:
+        from tokenizers import Tokenizer
+
+        from nora_edge import names
+
+        tok = Tokenizer.from_file(str(ckpt.path / names.TOKENIZER_JSON))
+        validation.update(
+            validate_graphs(
+                staging / comps["vision"].file,
+                comps["vision"],
+                staging / comps["decoder"].file,
+                comps["decoder"],
+                vision_refs=vrefs,
+                prompt_refs=prefs,
+                table=table,
+                sections=sections,
+                tokenizer=tok,
+            )
+        )
+    else:
+        validation["skipped"] = True
+    sections["validation"] = validation
+    done("validate")
+    sections["codec"]["bpe_vocab_size"] = ms.write_codec_files(ckpt, staging)
+    done("codec")
+    sections["components"] = {
+        "vision": comps["vision"].to_json(),
+        "decoder": comps["decoder"].to_json(),
+        "embeddings": {"file": emb["file"], "dtype": emb["dtype"], "shape": emb["shape"]},
+    }
+    json.dumps(sections)  # fail here, not half-way through the manifest write, on a non-JSON value
+    return sections
