@@ -52,10 +52,13 @@ def stage_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
 def check_options(precision: str, image_size: int, head: str, embeddings_dtype: str) -> None:
     """Raise ExportError on an option this exporter cannot honour (before any heavy work)."""
     if precision != "fp32":
-        raise ExportError(
-            f"precision {precision!r}: int8/int4 land with the quantization issue; this exporter writes fp32 "
-            "(the recipes step in export/pipeline.py is the hook)"
-        )
+        from nora_edge.errors import InputError
+        from nora_edge.export.quantize import get_recipe
+
+        try:
+            get_recipe(precision)  # fail before any heavy work on an unknown recipe name
+        except InputError as e:
+            raise ExportError(str(e)) from e
     if not isinstance(image_size, int) or image_size < 56 or image_size % 28:
         raise ExportError(
             f"image_size must be a multiple of 28 (patch 14 x merge 2) >= 56, got {image_size!r}"
@@ -69,8 +72,9 @@ def check_options(precision: str, image_size: int, head: str, embeddings_dtype: 
 def load_model(ckpt: NoraCheckpoint):
     """fp32 HF model (eval) with the checkpoint's generation_config, greedy, and its processor."""
     import torch
-    from nora_edge.export.processor import load_processor
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from nora_edge.export.processor import load_processor
 
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(ckpt.path), dtype=torch.float32)
@@ -109,6 +113,7 @@ def export_bundle(
     validation_prompts: int = 3,
     validation_tokens: int = 16,
     report: bool = False,
+    calibration: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     _fail_after: str | None = None,
@@ -120,7 +125,8 @@ def export_bundle(
         out: bundle directory to create.
         fast_dir: FAST tokenizer directory (default ``checkpoint/fast``).
         time_horizon: T when the FAST config leaves it null (1 NORA, 5 NORA-Long).
-        precision: "fp32" (others raise ExportError until the quantization issue lands).
+        precision: "fp32", or a quantization recipe name (``nora-edge recipes``): the fp32 bundle is exported
+            and validated in a temporary directory, then quantized into ``out`` with its fidelity report.
         image_size: square frame size NORA resizes to (224); a multiple of 28.
         specialise_224: fold the vision index tensors for the ``image_size`` grid into the graph
             (input pixel_values only); False exports a resolution-dynamic vision graph.
@@ -128,7 +134,9 @@ def export_bundle(
         embeddings_dtype: "float16" (default) or "float32" for embeddings.npy.
         validate: run the ONNX graphs against PyTorch and refuse (ExportError) when over tolerance.
         validation_prompts / validation_tokens: held-out prompts and the greedy-token cap for the checks.
-        report: also write ``fidelity_report.json`` (the validation results) into the bundle.
+        report: also write ``fidelity_report.json`` (the validation results) into an fp32 bundle
+            (quantized bundles always carry their fidelity report).
+        calibration: folder of images + instructions.jsonl for calibrated recipes (default: synthetic frames).
         overwrite: replace an existing bundle at ``out``.
         progress: show a rich progress bar.
         _fail_after: testing hook: raise ExportError right after this stage (simulates a crash).
@@ -137,6 +145,26 @@ def export_bundle(
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
     """
     check_options(precision, image_size, head, embeddings_dtype)
+    if precision != "fp32":
+        return export_quantized(
+            checkpoint,
+            out,
+            precision,
+            calibration=calibration,
+            overwrite=overwrite,
+            fp32_options=dict(
+                fast_dir=fast_dir,
+                time_horizon=time_horizon,
+                image_size=image_size,
+                specialise_224=specialise_224,
+                head=head,
+                embeddings_dtype=embeddings_dtype,
+                validate=validate,
+                validation_prompts=validation_prompts,
+                validation_tokens=validation_tokens,
+                progress=progress,
+            ),
+        )
     ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
     t0 = time.time()
     with stage_progress(progress) as advance, BundleWriter(out, overwrite=overwrite) as writer:
@@ -282,3 +310,33 @@ def export_graphs(
     }
     json.dumps(sections)  # fail here, not half-way through the manifest write, on a non-JSON value
     return sections
+
+
+def export_quantized(
+    checkpoint: str | Path,
+    out: str | Path,
+    precision: str,
+    *,
+    calibration: str | Path | None,
+    overwrite: bool,
+    fp32_options: dict,
+) -> Path:
+    """fp32 export (validated) into a temporary sibling of ``out``, then the recipe into ``out``.
+
+    The quantizer needs a runnable fp32 bundle to record calibration feeds and to measure fidelity, so the
+    fp32 bundle is a real (temporary) bundle; it is removed whatever happens.
+    """
+    import shutil
+    import tempfile
+
+    from nora_edge.export.quantize import load_calibration_dir, quantize_bundle
+
+    samples = load_calibration_dir(calibration) if calibration is not None else None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
+    try:
+        fp32 = export_bundle(checkpoint, tmp_root / "fp32", precision="fp32", **fp32_options)
+        return quantize_bundle(fp32, out, precision, calibration=samples, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)

@@ -8,7 +8,7 @@ binding, outputs bound on the session's device; outputs named in ``keep`` stay O
 round-trips through numpy, and on a GPU never leaves it), the rest come back as numpy.
 
 TensorRT flags: ``trt_fp16_enable`` when the component precision names fp16 (or "mixed"), ``trt_int8_enable``
-when it names int8; a component's ``meta["tensorrt"]`` dict overrides any ``trt_*`` option explicitly.
+when it is a QDQ int8 graph (``int8-qdq``; dynamic int8 is a CPU recipe); a component's ``meta["tensorrt"]`` dict overrides any ``trt_*`` option explicitly.
 The engine cache lives outside the bundle (a verified bundle may not hold unlisted files).
 """
 
@@ -62,7 +62,8 @@ def tensorrt_options(precision: str, meta: Mapping, cache_dir: Path) -> dict:
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(cache_dir),
         "trt_fp16_enable": str("fp16" in p or "mixed" in p),
-        "trt_int8_enable": str("int8" in p),
+        # explicit (QDQ) int8 only: dynamic int8 (MatMulInteger) and weight-only int4 are CPU/CUDA recipes
+        "trt_int8_enable": str("qdq" in p),
     }
     extra = meta.get("tensorrt", {}) if isinstance(meta, Mapping) else {}
     if not isinstance(extra, Mapping):

@@ -121,8 +121,8 @@ def test_over_tolerance_is_refused(tiny_ckpt: Path, tmp_path: Path, monkeypatch)
 def test_option_errors(tiny_ckpt: Path, tmp_path: Path):
     from nora_edge.export.pipeline import export_bundle
 
-    with pytest.raises(ExportError, match="quantization"):
-        export_bundle(tiny_ckpt, tmp_path / "b", precision="int8", progress=False)
+    with pytest.raises(ExportError, match="unknown quantization recipe 'int3'"):
+        export_bundle(tiny_ckpt, tmp_path / "b", precision="int3", progress=False)
     with pytest.raises(ExportError, match="multiple of 28"):
         export_bundle(tiny_ckpt, tmp_path / "b", image_size=230, progress=False)
     with pytest.raises(ExportError, match="head"):
@@ -133,11 +133,30 @@ def test_option_errors(tiny_ckpt: Path, tmp_path: Path):
 
 
 def test_refuses_existing_bundle(tiny_ckpt: Path, tiny_bundle: Path):
-    from nora_edge.export.pipeline import export_bundle
-
     from nora_edge.errors import BundleError
+    from nora_edge.export.pipeline import export_bundle
 
     with pytest.raises(BundleError, match="already exists"):
         export_bundle(tiny_ckpt, tiny_bundle, validate=False, progress=False)
     Bundle.load(tiny_bundle)
     assert bundle.MANIFEST in {p.name for p in tiny_bundle.iterdir()}
+
+
+def test_quantized_export_end_to_end(tiny_ckpt: Path, tmp_path: Path):
+    """precision=<recipe>: fp32 export + validation in a temp dir, then the recipe; nothing else is left."""
+    import json
+
+    from nora_edge.bundle import Bundle
+    from nora_edge.export.pipeline import export_bundle
+    from nora_edge.policy import NoraPolicy
+
+    out = export_bundle(tiny_ckpt, tmp_path / "int8", precision="int8", validation_prompts=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]  # the temporary fp32 bundle is gone
+    b = Bundle.load(out)
+    assert b.components["decoder"].precision.startswith("int8")
+    report = json.loads((out / "fidelity_report.json").read_text())
+    assert report["records"], "a quantized bundle carries per-sample fidelity records"
+    actions = NoraPolicy.load(out).predict_action_chunk(
+        np.zeros((224, 224, 3), np.uint8) + 100, "pick up the block"
+    )
+    assert actions.shape == (1, 7) and np.isfinite(actions).all()

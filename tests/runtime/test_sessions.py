@@ -37,7 +37,10 @@ def test_explicit_providers(tmp_path):
 
 
 def test_tensorrt_flags_follow_precision_and_meta(tmp_path):
-    assert tensorrt_options("int8", {}, tmp_path)["trt_int8_enable"] == "True"
+    assert tensorrt_options("int8-qdq", {}, tmp_path)["trt_int8_enable"] == "True"
+    # dynamic int8 and "+head-int8" labels are CPU recipes: TensorRT's int8 mode must stay off for them
+    assert tensorrt_options("int8", {}, tmp_path)["trt_int8_enable"] == "False"
+    assert tensorrt_options("int4-rtn-b32+head-int8", {}, tmp_path)["trt_int8_enable"] == "False"
     assert tensorrt_options("fp32", {}, tmp_path)["trt_fp16_enable"] == "False"
     opts = tensorrt_options(
         "fp32", {"tensorrt": {"trt_fp16_enable": True, "trt_max_workspace_size": 1 << 30}}, tmp_path
