@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from nora_edge.bench.report import write_text_atomic
 
 
@@ -74,11 +75,11 @@ def build_table(
 ) -> dict:
     """Export, quantize, time and report; returns the table dict (also written to ``out``)."""
     import torch
+
     from nora_edge.export.fixtures import build_fixture
     from nora_edge.export.pipeline import export_bundle
     from nora_edge.export.quantize.bundle_quant import quantize_bundle
     from nora_edge.export.quantize.calibration import synthetic_samples
-
     from nora_edge.policy import NoraPolicy
 
     torch.set_num_threads(threads)

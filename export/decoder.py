@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from nora_edge.export.vision import MatMulLinear, RMSNorm, rotate_half
 from torch import nn
 
 from nora_edge import bundle
 from nora_edge.errors import ExportError
+from nora_edge.export.vision import MatMulLinear, RMSNorm, rotate_half
 
 HEADS = ("action", "full")
 

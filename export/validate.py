@@ -118,8 +118,9 @@ def reference_cases(
         n_prompts: how many prompts (instructions cycle through ``INSTRUCTIONS``).
         max_new_tokens: cap on generated tokens (the checkpoint's own limit applies when smaller).
     """
-    from nora_edge.export.reference import nora_messages, resize_like_nora
     from transformers import LogitsProcessorList
+
+    from nora_edge.export.reference import nora_messages, resize_like_nora
 
     vocab = model.config.text_config.vocab_size
     full = len(head_rows) == vocab and head_rows == list(range(vocab))

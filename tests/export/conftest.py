@@ -24,9 +24,8 @@ def _few_threads():
 
 @pytest.fixture(scope="session")
 def tiny_model_and_processor(tiny_ckpt: Path):
-    from nora_edge.export.pipeline import load_model
-
     from nora_edge.checkpoint import NoraCheckpoint
+    from nora_edge.export.pipeline import load_model
 
     return load_model(NoraCheckpoint.load(tiny_ckpt))
 
@@ -67,10 +66,9 @@ def decoder_full_onnx(tiny_model, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def decoder_action_onnx(tiny_model, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    from nora_edge.checkpoint import NoraCheckpoint
     from nora_edge.export.decoder import export_decoder, head_rows_for
     from nora_edge.export.manifest_sections import end_ids
-
-    from nora_edge.checkpoint import NoraCheckpoint
 
     ckpt = NoraCheckpoint.load(tiny_ckpt)
     meta = {

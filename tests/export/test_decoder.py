@@ -196,10 +196,9 @@ def test_head_rows():
 
 @pytest.mark.slow
 def test_medium_greedy_matches_hf_generate_20_prompts(medium_ckpt, tmp_path):
+    from nora_edge.checkpoint import NoraCheckpoint
     from nora_edge.export.decoder import export_decoder, head_rows_for
     from nora_edge.export.pipeline import load_model
-
-    from nora_edge.checkpoint import NoraCheckpoint
 
     model, processor = load_model(NoraCheckpoint.load(medium_ckpt))
     path = tmp_path / "decoder.onnx"

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+
+from nora_edge.errors import InputError
 from nora_edge.export.fidelity import (
     REPORT_JSON,
     REPORT_MD,
@@ -17,8 +19,6 @@ from nora_edge.export.fidelity import (
     fidelity_report,
     write_report,
 )
-
-from nora_edge.errors import InputError
 
 
 def _run(rng, ids, t=3, d=4, logits=True, error=None, actions=None):
@@ -148,6 +148,7 @@ def test_written_report_aggregates_recompute_from_raw_records(tmp_path):
 @pytest.fixture(scope="module")
 def fp32_bundle(tiny_ckpt, tmp_path_factory):
     import torch
+
     from nora_edge.export.pipeline import export_bundle
 
     torch.set_num_threads(2)
@@ -167,9 +168,8 @@ def test_bundle_against_itself_agrees_exactly(fp32_bundle, tmp_path):
 
 
 def test_quantized_bundle_report_inside_bundle(fp32_bundle, tmp_path):
-    from nora_edge.export.quantize.bundle_quant import quantize_bundle
-
     from nora_edge.bundle import Bundle
+    from nora_edge.export.quantize.bundle_quant import quantize_bundle
 
     out = quantize_bundle(fp32_bundle, tmp_path / "int8", "int8", n_calibration=2, n_fidelity=3)
     b = Bundle.load(out)  # the report files are listed and hashed in the manifest
@@ -182,10 +182,9 @@ def test_quantized_bundle_report_inside_bundle(fp32_bundle, tmp_path):
 
 @pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int8-qdq", "int4", "int4-hqq", "mixed"])
 def test_every_recipe_bundle_loads_in_the_runtime(fp32_bundle, tmp_path, make_rgb_image, name):
+    from nora_edge.bundle import Bundle
     from nora_edge.export.quantize import get_recipe
     from nora_edge.export.quantize.bundle_quant import quantize_bundle
-
-    from nora_edge.bundle import Bundle
     from nora_edge.policy import NoraPolicy
 
     out = quantize_bundle(fp32_bundle, tmp_path / name, name, n_calibration=2, n_fidelity=2)
@@ -214,9 +213,9 @@ def test_every_recipe_bundle_loads_in_the_runtime(fp32_bundle, tmp_path, make_rg
 
 def test_recorded_calibration_feeds_are_what_the_graphs_take(fp32_bundle):
     import onnxruntime as ort
-    from nora_edge.export.quantize import record_feeds, synthetic_samples
 
     from nora_edge.bundle import Bundle
+    from nora_edge.export.quantize import record_feeds, synthetic_samples
 
     feeds = record_feeds(fp32_bundle, synthetic_samples(2, seed=7), max_decoder_feeds=6)
     b = Bundle.load(fp32_bundle)

@@ -11,9 +11,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from nora_edge.export import fixture_weights, fixtures
-from nora_edge.export.processor import load_processor
-from nora_edge.export.reference import nora_messages, resize_like_nora
 from tokenizers import Tokenizer
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -21,6 +18,9 @@ from nora_edge import names
 from nora_edge.actions.fast import FastTokenizer
 from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import ExportError, InputError
+from nora_edge.export import fixture_weights, fixtures
+from nora_edge.export.processor import load_processor
+from nora_edge.export.reference import nora_messages, resize_like_nora
 
 torch.set_num_threads(1)
 

@@ -16,6 +16,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nora_edge.errors import ExportError, InputError
 from nora_edge.export.quantize import (
     EmbeddingRecipe,
     Fp16Recipe,
@@ -33,9 +36,6 @@ from nora_edge.export.quantize import (
 from nora_edge.export.quantize.fp16 import FP16_MAX
 from nora_edge.export.quantize.graph import find_head_nodes, model_size, topological_sort
 from nora_edge.export.quantize.recipes import BundleRecipe
-from onnx import TensorProto, helper, numpy_helper
-
-from nora_edge.errors import ExportError, InputError
 
 U16, U32 = 2.0**-11, 2.0**-24  # unit roundoff of fp16 and fp32
 
@@ -724,8 +724,9 @@ def test_external_data_in_and_out(tmp_path, rng):
 
 # --- calibration samples --------------------------------------------------------------------------------
 def test_calibration_folder_and_synthetic_frames(tmp_path):
-    from nora_edge.export.quantize import load_calibration_dir, synthetic_samples
     from PIL import Image
+
+    from nora_edge.export.quantize import load_calibration_dir, synthetic_samples
 
     frames = synthetic_samples(3, seed=4)
     assert all(f.image.shape == (224, 224, 3) and f.image.dtype == np.uint8 for f in frames)

@@ -9,7 +9,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from nora_edge.export import ReferencePolicy, fixtures
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -19,6 +18,7 @@ from transformers import (
 
 from nora_edge import names
 from nora_edge.errors import InputError
+from nora_edge.export import ReferencePolicy, fixtures
 
 torch.set_num_threads(1)
 

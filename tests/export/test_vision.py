@@ -110,9 +110,8 @@ def test_dynamic_graph_matches_hf(tiny_model, vision_dynamic_onnx, grid):
 
 
 def test_specialised_graph_matches_hf(tiny_model, tiny_bundle):
-    from nora_edge.export.validate import run_vision, session
-
     from nora_edge.errors import ExportError
+    from nora_edge.export.validate import run_vision, session
 
     b = bundle.Bundle.load(tiny_bundle)
     spec = b.components["vision"]
