@@ -17,6 +17,7 @@ _LAZY = {
     "load_processor": "processor",
     "NoraProcessor": "processor",
     "random_rgb_image": "images",
+    "export_bundle": "pipeline",
 }
 
 __all__ = sorted(_LAZY)

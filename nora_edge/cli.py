@@ -123,3 +123,88 @@ def run(
     else:
         for t, row in enumerate(actions):
             typer.echo(f"t={t}: " + " ".join(f"{v:+.5f}" for v in row))
+
+
+@app.command()
+def recipes() -> None:
+    """List the quantization recipes ``export --precision`` accepts."""
+    from nora_edge.export.quantize import list_recipes
+
+    for r in list_recipes():
+        typer.echo(f"{r.name}: {r.description}")
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    reference: Annotated[
+        Path | None, typer.Option(help="checkpoint: run the PyTorch reference side by side")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="timed inferences")] = 50,
+    warmup: Annotated[int, typer.Option(help="untimed inferences first")] = 5,
+    hz: Annotated[float, typer.Option(help="control rate for the deadline-miss rate")] = 25.0,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("bench-out"),
+    against: Annotated[Path | None, typer.Option(help="baseline JSON: fail on a regression")] = None,
+    max_regression: Annotated[
+        float, typer.Option(help="allowed slowdown / memory growth vs baseline")
+    ] = 0.15,
+    update_baseline: Annotated[
+        bool, typer.Option(help="write this run as the baseline at --against")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime (and torch) threads")] = None,
+    unnorm_key: Annotated[str | None, typer.Option(help="dataset key of the norm stats")] = None,
+    constrained: Annotated[
+        bool, typer.Option(help="automaton-constrained decoding (runtime default)")
+    ] = True,
+    plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
+) -> None:
+    """Benchmark a bundle: per-stage latency, p99, jitter, deadline misses, memory; optional CI gate."""
+    from nora_edge.bench.run import run_bench
+
+    try:
+        result = run_bench(
+            bundle,
+            reference=reference,
+            steps=steps,
+            warmup=warmup,
+            hz=hz,
+            out=out,
+            against=against,
+            max_regression=max_regression,
+            update_baseline=update_baseline,
+            threads=threads,
+            unnorm_key=unnorm_key,
+            constrained=constrained,
+            plots=plots,
+        )
+    except NoraEdgeError as e:
+        _fail(e)
+    e2e = result["runtime"]["e2e"]
+    typer.echo(
+        f"end-to-end: median {e2e['median']:.1f} ms, p99 {e2e['p99']:.1f} ms, "
+        f"{e2e['actions_per_s']:.1f} actions/s, deadline misses at {hz:g} Hz: {100 * e2e['deadline_miss_rate']:.0f}%"
+    )
+    typer.echo(f"report: {Path(out) / 'report.md'}")
+    gate = result.get("gate")
+    if gate is not None:
+        from nora_edge.bench.gate import GateResult
+
+        verdict = GateResult(gate["ok"], gate["max_regression"], gate["rows"])
+        typer.echo(verdict.text())
+        if not verdict.ok:
+            raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="working and report directory")] = Path("out"),
+    steps: Annotated[int, typer.Option(help="timed inferences per bundle")] = 20,
+) -> None:
+    """The main job on the built-in tiny NORA: fixture -> fp32/int8/int4 bundles -> bench vs reference."""
+    from nora_edge.bench.demo import run_demo
+
+    try:
+        report = run_demo(out, steps=steps)
+    except NoraEdgeError as e:
+        _fail(e)
+    typer.echo(f"report: {report}")
