@@ -12,6 +12,7 @@ from nora_edge.errors import (
     ExportError,
     InputError,
     NoraEdgeError,
+    ProfileError,
 )
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ __all__ = [
     "ExportError",
     "InputError",
     "NoraEdgeError",
+    "ProfileError",
     "__version__",
 ]

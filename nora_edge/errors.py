@@ -28,5 +28,9 @@ class DetokenizationError(NoraEdgeError):
     """A token sequence does not decode into exactly (T, D) FAST coefficients."""
 
 
+class ProfileError(NoraEdgeError):
+    """A device profile file is missing a field, a source, or holds an impossible number."""
+
+
 class InputError(NoraEdgeError, ValueError):
     """Caller input is invalid (image, instruction, unnorm key, options)."""

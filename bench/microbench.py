@@ -1,0 +1,187 @@
+"""Measure this machine's peaks at run time: the ``host`` device profile and the CI gate's yardstick.
+
+Data flow: a few ORT graphs (``nora_edge.bench.ortgraph``) timed for ~0.5 s in all -> :class:`HostMeasurement`
+(GEMM GFLOP/s per precision, GEMV weight-streaming GB/s, numpy memory-copy GB/s, ``unit_ms``) ->
+:func:`host_profile` merges it with ``profiles/host.toml`` (efficiency factors) into a ``DeviceProfile``.
+
+The roofline's host bandwidth is the ORT fp32 GEMV streaming rate (a 64 MB weight, bigger than the caches),
+because decode steps are GEMVs run by that same kernel; the plain memory copy is reported next to it.
+:class:`Yardstick` (one small fixed GEMM + GEMV, sampled between bench steps) is what the CI gate divides stage
+latencies by, so a slower or busier machine does not read as a regression.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tomllib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from nora_edge.bench.ortgraph import GraphBuilder, time_session
+from nora_edge.errors import InputError
+from nora_edge.profiles import PRECISIONS, PROFILE_DIR, DeviceProfile, parse_profile
+
+GEMM_SHAPE = (128, 2048, 2048)  # (M, K, N): a prefill-sized matmul
+GEMV_SHAPE = (1, 2048, 8192)  # 64 MB of fp32 weights: streams from DRAM
+COPY_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class HostMeasurement:
+    """What :func:`measure_host` measured (rates from the best run, ``unit_ms`` from medians).
+
+    Attributes:
+        gemm_gflops: per precision, GFLOP/s of an ORT (M, K, N) = GEMM_SHAPE matmul.
+        gemv_gbs: fp32 GEMV weight bytes / s (GEMV_SHAPE).
+        copy_gbs: numpy copy, (read + write) bytes / s.
+        unit_ms: median fp32 GEMM ms + median fp32 GEMV ms (the CI gate's yardstick).
+        threads: ORT intra-op threads (0 = ORT default).
+        cpu_count: os.cpu_count().
+        memory_gb: physical memory.
+    """
+
+    gemm_gflops: dict[str, float]
+    gemv_gbs: float
+    copy_gbs: float
+    unit_ms: float
+    threads: int
+    cpu_count: int
+    memory_gb: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def gemm_gflops(precision: str, threads: int | None, reps: int) -> tuple[float, float]:
+    """(GFLOP/s of the best run, median seconds) of one GEMM_SHAPE linear in ``precision``.
+
+    Peaks come from the best run: on a shared machine the median mixes in other people's load.
+    """
+    m, k, n = GEMM_SHAPE
+    dtype = np.float16 if precision == "fp16" else np.float32
+    g = GraphBuilder(dtype)
+    x = g.add_input("x", [m, k])
+    g.add_output(g.linear(x, k, n, precision))
+    sess = g.session(threads)
+    feeds = {"x": np.ones((m, k), dtype)}
+    times = time_session(sess, feeds, reps)
+    return 2.0 * m * k * n / min(times) / 1e9, statistics.median(times)
+
+
+def gemv_gbs(threads: int | None, reps: int) -> tuple[float, float]:
+    """(weight GB/s of the best run, median seconds) of an fp32 GEMV over a 64 MB weight."""
+    m, k, n = GEMV_SHAPE
+    g = GraphBuilder(np.float32)
+    x = g.add_input("x", [m, k])
+    g.add_output(g.linear(x, k, n, "fp32"))
+    sess = g.session(threads)
+    times = time_session(sess, {"x": np.ones((m, k), np.float32)}, reps)
+    return k * n * 4 / min(times) / 1e9, statistics.median(times)
+
+
+def copy_gbs(reps: int) -> float:
+    """numpy copy of COPY_BYTES: (read + write) bytes / best seconds."""
+    import time
+
+    src = np.ones(COPY_BYTES // 4, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / min(times[1:]) / 1e9
+
+
+def physical_memory_gb() -> float:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 1e9
+    except ImportError:  # psutil is in the bench extra; sysconf works on Linux
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def measure_host(threads: int | None = None, reps: int = 7) -> HostMeasurement:
+    """Run the microbenchmarks (~0.5 s). ``threads`` = ORT intra-op threads (None: ORT default, as NoraPolicy)."""
+    rates, unit = {}, 0.0
+    for precision in PRECISIONS:
+        rates[precision], t = gemm_gflops(precision, threads, reps)
+        if precision == "fp32":
+            unit += t
+    bw, t = gemv_gbs(threads, reps)
+    unit += t
+    return HostMeasurement(
+        gemm_gflops=rates,
+        gemv_gbs=bw,
+        copy_gbs=copy_gbs(reps),
+        unit_ms=1e3 * unit,
+        threads=threads or 0,
+        cpu_count=os.cpu_count() or 1,
+        memory_gb=physical_memory_gb(),
+    )
+
+
+def host_profile(m: HostMeasurement) -> DeviceProfile:
+    """The ``host`` DeviceProfile: measured peaks + the efficiency factors of ``profiles/host.toml``."""
+    path = PROFILE_DIR / "host.toml"
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    m_, k, n = GEMM_SHAPE
+    src = f"measured by nora_edge.bench.microbench: ORT CPU ({m.threads or 'default'} threads)"
+    data["memory"] = {
+        "capacity_gb": {"value": m.memory_gb, "source": "psutil.virtual_memory().total"},
+        "bandwidth_gbs": {
+            "value": m.gemv_gbs,
+            "source": f"{src} fp32 GEMV {GEMV_SHAPE[1]}x{GEMV_SHAPE[2]} weight streaming "
+            f"(numpy copy: {m.copy_gbs:.1f} GB/s)",
+        },
+    }
+    kernels = {
+        "fp32": "MatMul fp32",
+        "fp16": "MatMul fp16",
+        "int8": "DynamicQuantizeLinear+MatMulInteger",
+        "int4": "MatMulNBits 4-bit block 128 accuracy_level 4",
+    }
+    data["peak_tflops"] = {
+        p: {"value": m.gemm_gflops[p] / 1e3, "source": f"{src} {kernels[p]} GEMM {m_}x{k}x{n}"}
+        for p in PRECISIONS
+    }
+    return parse_profile(data, str(path), measured=True)
+
+
+class Yardstick:
+    """The CI gate's machine-speed unit: a fixed fp32 GEMM (64x1024x1024) + GEMV (2048x4096), ~2 ms.
+
+    Sampled between bench steps, so it sees the machine in the same state as the stages it normalizes.
+    """
+
+    GEMM = (64, 1024, 1024)
+    GEMV = (1, 2048, 4096)
+
+    def __init__(self, threads: int | None = None) -> None:
+        self._runs = []
+        for m, k, n in (self.GEMM, self.GEMV):
+            g = GraphBuilder(np.float32)
+            x = g.add_input("x", [m, k])
+            g.add_output(g.linear(x, k, n, "fp32"))
+            self._runs.append((g.session(threads), {"x": np.ones((m, k), np.float32)}))
+        self.samples_ms: list[float] = []
+        for sess, feeds in self._runs:  # warm up
+            sess.run(None, feeds)
+
+    def sample(self) -> float:
+        """Time the workload once; returns and records milliseconds."""
+        total = 0.0
+        for sess, feeds in self._runs:
+            total += time_session(sess, feeds, reps=1, warmup=0)[0]
+        self.samples_ms.append(1e3 * total)
+        return self.samples_ms[-1]
+
+    @property
+    def unit_ms(self) -> float:
+        """The fastest sample: the machine's speed when nothing else preempts the bench."""
+        if not self.samples_ms:
+            raise InputError("Yardstick.unit_ms before any sample")
+        return float(min(self.samples_ms))

@@ -1,0 +1,250 @@
+"""Render and write bench reports: atomic JSON / Markdown writes, the bench-run report, the 7B baseline report.
+
+Data flow: a result dict from ``run.run_bench`` or ``baseline7b.run_baseline`` -> Markdown text (tables of
+per-stage medians/p99, speedups, predictions, assumptions) -> ``write_text_atomic`` / ``write_json_atomic``
+(temp file in the same directory + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    """JSON (numpy scalars and paths converted) written atomically."""
+    return write_text_atomic(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats get 3 significant digits."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def baseline_markdown(res: dict) -> str:
+    """The NORA-vs-OpenVLA report (``baseline7b.md``)."""
+    h = res["headline"]
+    verdict = "meets" if h["nora_long_meets_25hz"] else "misses"
+    out = [
+        "# NORA-3B vs OpenVLA-7B on Jetson Orin (roofline predictions)",
+        "",
+        f"## Headline ({h['profile']}, INT4 weight-only decoder, FP16 vision)",
+        "",
+        f"- NORA-Long-3B (horizon 5): {h['nora_long_int4_ms']:.0f} ms per inference -> "
+        f"{h['nora_long_int4_actions_per_s']:.1f} actions/s. 25 Hz control with 5-action chunks needs <= 200 ms "
+        f"per inference: it {verdict} that [prediction].",
+        f"- OpenVLA-7B: {h['openvla_int4_ms']:.0f} ms per action -> {h['openvla_int4_actions_per_s']:.2f} actions/s "
+        "(measured reference: 336 ms/action with MLC INT4, NORA_FACTS).",
+        f"- NORA-Long delivers {h['actions_per_s_ratio']:.1f}x the actions/s of OpenVLA-7B; OpenVLA-7B needs "
+        f"{h['memory_ratio_openvla_over_nora']:.2f}x the memory ({h['openvla_memory_gb']:.2f} GB vs "
+        f"{h['nora_long_memory_gb']:.2f} GB, weights + KV cache).",
+        "",
+        "## Predictions on every profile",
+        "",
+        "Per-invocation ms; e2e = vision + prefill + steps x decode token + tokens x head.",
+        "",
+    ]
+    rows = [
+        [
+            r["profile"],
+            r["model"],
+            r["plan"],
+            r["stages"]["vision"],
+            r["stages"]["prefill"],
+            r["stages"]["decode_token"],
+            r["decode_steps"],
+            r["stages"]["action_head"],
+            r["e2e_ms"],
+            r["actions_per_s"],
+            r["memory_gb"],
+            r["meets_25hz"],
+        ]
+        for r in res["predictions"]
+    ]
+    out.append(
+        table(
+            [
+                "profile",
+                "model",
+                "plan",
+                "vision",
+                "prefill",
+                "decode/tok",
+                "steps",
+                "head",
+                "e2e ms",
+                "actions/s",
+                "mem GB",
+                "25 Hz",
+            ],
+            rows,
+        )
+    )
+    if res.get("host_comparison"):
+        out += ["", "## Host: prediction vs measurement (" + "extrapolated from one layer" + ")", ""]
+        rows = []
+        for c in res["host_comparison"]:
+            for s, err in c["error"].items():
+                rows.append(
+                    [
+                        c["model"],
+                        c["precision"],
+                        s,
+                        c["predicted"]["stages"][s],
+                        c["measured"]["stages"][s],
+                        f"{100 * err:+.0f}%",
+                    ]
+                )
+            rows.append(
+                [
+                    c["model"],
+                    c["precision"],
+                    "e2e",
+                    c["predicted"]["e2e_ms"],
+                    c["measured"]["e2e_ms"],
+                    f"{100 * (c['predicted']['e2e_ms'] / c['measured']['e2e_ms'] - 1):+.0f}%",
+                ]
+            )
+        out.append(table(["model", "precision", "stage", "predicted ms", "measured ms", "error"], rows))
+    if res.get("calibration"):
+        cal = res["calibration"]
+        out += [
+            "",
+            "## Efficiency calibration (AGX Orin 64GB)",
+            "",
+            f"eff_compute = {cal['compute']:.3f}, eff_memory = {cal['memory']:.3f}, fitted to TensorRT "
+            "Edge-LLM Qwen3-VL-2B INT4; OpenVLA-7B is held out.",
+            "",
+        ]
+        rows = [[k, p, m, f"{100 * (p / m - 1):+.0f}%", "fit"] for k, (p, m) in cal["fit"].items()]
+        rows += [[k, p, m, f"{100 * (p / m - 1):+.0f}%", "held out"] for k, (p, m) in cal["holdout"].items()]
+        out.append(table(["reference", "predicted ms", "measured ms", "error", "role"], rows))
+    out += ["", "## Assumptions", ""] + [f"- {a}" for a in res["assumptions"]]
+    out += ["", "## Profile numbers and their sources", ""]
+    for name, src in res["profiles"].items():
+        out.append(f"### {name}")
+        out.append(table(["field", "value", "estimate", "source"], [[f, v, e, s] for f, v, s, e in src]))
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def bench_markdown(res: dict) -> str:
+    """The bench-run report (``report.md``)."""
+    rt, cfg, b = res["runtime"], res["config"], res["bundle"]
+    e = rt["e2e"]
+    out = [
+        "# nora-edge bench",
+        "",
+        f"Bundle `{b['path']}` ({b['size_bytes'] / 1e6:.1f} MB; precision {b['precision']}; horizon {b['horizon']}; "
+        f"{b['head']} head). {cfg['steps']} steps after {cfg['warmup']} warmup, threads {cfg['threads'] or 'default'}.",
+        "",
+        "## Headline",
+        "",
+        f"- median {e['median']:.2f} ms per inference (p99 {e['p99']:.2f}, jitter p99-p50 {e['jitter_ms']:.2f} ms) -> "
+        f"{e['inferences_per_s']:.1f} inferences/s, {e['actions_per_s']:.1f} actions/s",
+        f"- {cfg['hz']} Hz control with {b['horizon']}-action chunks: deadline {e['deadline_ms']:.0f} ms, "
+        f"missed by {100 * e['deadline_miss_rate']:.1f}% of inferences",
+        f"- tokens per chunk (median): {rt['tokens_per_chunk']['median'] if rt['tokens_per_chunk'] else 'n/a'}; "
+        f"malformed: {100 * rt['malformed_rate']:.1f}%",
+        f"- memory: policy RSS {res['memory']['policy_rss_mb'] or float('nan'):.0f} MB, peak RSS "
+        f"{res['memory']['rss_peak_mb']:.0f} MB",
+    ]
+    if res.get("speedup"):
+        s, ref = res["speedup"], res["reference"]
+        out.append(
+            f"- vs PyTorch reference (same run, same inputs): {s['e2e_median']:.1f}x faster median, "
+            f"{s['e2e_p99']:.1f}x at p99, {s.get('per_generated_token', float('nan')):.1f}x per generated token "
+            f"(reference median {ref['e2e']['median']:.1f} ms, {ref['tokens_per_chunk']['median']:.0f} tokens, "
+            f"malformed {100 * ref['malformed_rate']:.0f}%)"
+        )
+    out += ["", "## Stages (ms)", ""]
+    rows = [[s, v["median"], v["p90"], v["p99"], v["max"], v["n"]] for s, v in rt["stages"].items()]
+    out.append(table(["stage", "median", "p90", "p99", "max", "n"], rows))
+    if res.get("roofline"):
+        r = res["roofline"]
+        out += [
+            "",
+            "## Roofline (this bundle's graphs)",
+            "",
+            f"Prompt {r['prompt_tokens']} tokens ({r['cached_prefix_tokens']} cached at load), "
+            f"{r['new_tokens']} generated tokens per chunk.",
+            "",
+        ]
+        rows = [
+            [
+                s,
+                v["gflop"],
+                v["weight_mb"],
+                v["predicted_ms"],
+                v["measured_ms"],
+                f"{100 * v['error']:+.0f}%" if v["error"] is not None else "n/a",
+                v.get("measured_min_ms") or "n/a",
+                f"{100 * v['error_vs_min']:+.0f}%" if v.get("error_vs_min") is not None else "n/a",
+            ]
+            for s, v in r["host"].items()
+        ]
+        header = [
+            "stage",
+            "GFLOP",
+            "weights MB",
+            "host predicted ms",
+            "measured median",
+            "error",
+            "fastest",
+            "error vs fastest",
+        ]
+        out.append(table(header, rows))
+        out += ["", "Predicted ms per stage on each profile (the graphs as exported, same precision):", ""]
+        stages = list(r["host"])
+        out.append(
+            table(["profile", *stages], [[p, *[v[s] for s in stages]] for p, v in r["profiles"].items()])
+        )
+    if res.get("gate"):
+        out += ["", "## CI gate", "", "```", res["gate"]["text"], "```"]
+    if res.get("files"):
+        out += ["", "## Plots", ""] + [
+            f"- ![{k}]({Path(v).name})" for k, v in res["files"].items() if k.endswith(".png")
+        ]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,109 @@
+"""Device profiles: every shipped number has a source, estimates are marked, and the figures agree with the
+arithmetic and the table they come from (NORA_FACTS.md edge table), recomputed here in float64."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from nora_edge.errors import InputError
+from nora_edge.profiles import (
+    PRECISIONS,
+    PROFILE_DIR,
+    ProfileError,
+    list_profiles,
+    load_profile,
+    parse_profile,
+)
+
+ORIN = ["orin-agx-32gb", "orin-agx-64gb", "orin-nano-8gb", "orin-nx-16gb"]
+# NORA_FACTS.md "Edge targets": (SMs, MHz, GB/s, INT8 TOPS, FP16 TFLOPS, capacity GB)
+TABLE = {
+    "orin-agx-64gb": (16, 1300, 204.8, 85, 43, 64),
+    "orin-agx-32gb": (14, 930, 204.8, 53, 27, 32),
+    "orin-nx-16gb": (8, 918, 102.4, 30, 15, 16),
+    "orin-nano-8gb": (8, 1020, 102, 33, 17, 8),
+}
+
+
+def test_shipped_profiles_are_listed():
+    assert list_profiles() == sorted([*ORIN, "host"])
+
+
+@pytest.mark.parametrize("name", ORIN)
+def test_orin_profile_matches_the_facts_table(name):
+    p = load_profile(name)
+    sms, mhz, bw, int8, fp16, cap = TABLE[name]
+    assert p.gpu["sms"].value == sms
+    assert p.gpu["clock_mhz"].value == mhz
+    assert p.memory["bandwidth_gbs"].value == bw
+    assert p.memory["capacity_gb"].value == cap
+    assert p.peak_tflops["int8"].value == int8
+    assert p.peak_tflops["fp16"].value == fp16
+    # FP32 on CUDA cores: SMs x 128 lanes x 2 FLOP/FMA x clock
+    assert p.peak_tflops["fp32"].value == pytest.approx(sms * 128 * 2 * mhz * 1e6 / 1e12, rel=1e-3)
+    # INT4 weight-only runs on FP16 math
+    assert p.peak_tflops["int4"].value == p.peak_tflops["fp16"].value
+    # the dense FP16 tensor figure is the same per-SM-per-clock rate on every Orin (~2048 FLOP/clk/SM)
+    per_sm_clock = fp16 * 1e12 / (sms * mhz * 1e6)
+    assert 1900 < per_sm_clock < 2200
+
+
+@pytest.mark.parametrize("name", ORIN)
+def test_every_number_has_a_source_and_estimates_are_marked(name):
+    raw = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
+    p = load_profile(name)
+    rows = p.sources()
+    assert len(rows) == 10
+    for field, value, source, estimate in rows:
+        assert value > 0 and source, field
+        section, key = field.split(".")
+        assert raw[section][key]["source"] == source
+        if "[est]" in source or "calibrated" in source or "carried over" in source:
+            assert estimate, f"{field} reads like an estimate but is not marked"
+    assert all(p.peak_tflops[k].estimate for k in PRECISIONS)
+    assert all(q.estimate for q in p.efficiency.values())
+
+
+def test_unknown_profile_names_the_choices():
+    with pytest.raises(InputError, match="unknown device profile 'orin-agx-128gb'.*orin-agx-64gb"):
+        load_profile("orin-agx-128gb")
+
+
+def _valid() -> dict:
+    return tomllib.loads((PROFILE_DIR / "orin-nx-16gb.toml").read_text())
+
+
+def test_missing_source_is_refused():
+    data = _valid()
+    del data["memory"]["bandwidth_gbs"]["source"]
+    with pytest.raises(ProfileError, match=r"x.toml: field 'memory.bandwidth_gbs' has no 'source'"):
+        parse_profile(data, "x.toml")
+
+
+@pytest.mark.parametrize("value", [0, -3, "fast", True])
+def test_impossible_values_are_refused(value):
+    data = _valid()
+    data["peak_tflops"]["int8"]["value"] = value
+    with pytest.raises(ProfileError, match="peak_tflops.int8.value"):
+        parse_profile(data, "x.toml")
+
+
+def test_efficiency_above_one_is_refused():
+    data = _valid()
+    data["efficiency"]["memory"]["value"] = 1.5
+    with pytest.raises(ProfileError, match=r"efficiency.memory = 1.5 must be in \(0, 1\]"):
+        parse_profile(data, "x.toml")
+
+
+def test_missing_table_is_refused():
+    data = _valid()
+    del data["peak_tflops"]
+    with pytest.raises(ProfileError, match=r"missing table \[peak_tflops\]"):
+        parse_profile(data, "x.toml")
+
+
+def test_unknown_precision_is_an_input_error():
+    with pytest.raises(InputError, match="unknown precision 'fp8'"):
+        load_profile("orin-agx-64gb").peak_flops_per_s("fp8")

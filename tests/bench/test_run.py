@@ -1,0 +1,113 @@
+"""run_bench on the tiny NORA-Long bundle: the report agrees with its own raw samples (recomputed with the
+statistics module), with an independent NoraPolicy run on the same frames, and with the PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from nora_edge.bench.run import N_IMAGES, bench_images, run_bench
+from nora_edge.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def report(tiny_bundle_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return run_bench(tiny_bundle_h5, steps=8, warmup=1, out=out, threads=1, progress=False), out
+
+
+def test_report_files_are_written(report):
+    res, out = report
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["runtime"]["e2e"]["median"] == pytest.approx(res["runtime"]["e2e"]["median"])
+    md = (out / "report.md").read_text()
+    assert "actions/s" in md and "## Stages (ms)" in md and "## Roofline" in md
+    for name in ("latency.png", "stages.png", "roofline.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+
+def test_statistics_match_the_raw_samples(report):
+    res, _ = report
+    rt = res["runtime"]
+    for stage, xs in res["samples"]["runtime"].items():
+        if stage == "tokens" or not xs:
+            continue
+        assert rt["stages"][stage]["median"] == pytest.approx(statistics.median(xs), rel=1e-12), stage
+        q = statistics.quantiles(xs, n=100, method="inclusive")
+        assert rt["stages"][stage]["p99"] == pytest.approx(q[98], rel=1e-9), stage
+    e2e = rt["e2e"]
+    assert e2e["n"] == 8
+    assert e2e["actions_per_s"] == pytest.approx(
+        5 * 1e3 / statistics.median(res["samples"]["runtime"]["e2e"])
+    )
+    assert e2e["deadline_ms"] == pytest.approx(5 / 25 * 1e3)
+    expect_miss = sum(x > 200 for x in res["samples"]["runtime"]["e2e"]) / 8
+    assert e2e["deadline_miss_rate"] == expect_miss
+    # one decode_step sample per generated token after the first
+    tokens = res["samples"]["runtime"]["tokens"]
+    assert len(res["samples"]["runtime"]["decode_step"]) == sum(t - 1 for t in tokens)
+    assert res["memory"]["policy_rss_mb"] > 0 and res["memory"]["rss_peak_mb"] > 0
+    assert res["bundle"]["size_bytes"] > 0 and res["bundle"]["horizon"] == 5
+
+
+def test_tokens_per_chunk_match_an_independent_policy_run(report, tiny_bundle_h5):
+    from nora_edge.policy import NoraPolicy
+
+    res, _ = report
+    policy = NoraPolicy.load(tiny_bundle_h5, threads=1)
+    images = bench_images(N_IMAGES, seed=0)
+    expect = [policy.run_chunk(images[i % N_IMAGES], res["config"]["instruction"]).ids.size for i in range(8)]
+    assert res["samples"]["runtime"]["tokens"] == expect
+    assert res["runtime"]["malformed"] == 0  # constrained decoding always decodes
+
+
+def test_roofline_predicts_every_stage_on_every_profile(report):
+    res, _ = report
+    roof = res["roofline"]
+    assert set(roof["host"]) == {"vision", "prefill", "decode_step"}
+    assert roof["prompt_tokens"] > roof["cached_prefix_tokens"] > 0
+    for profile, stages in roof["profiles"].items():
+        assert all(ms > 0 for ms in stages.values()), profile
+    # same graphs: the bigger Orin is faster at every stage
+    for stage in ("vision", "prefill", "decode_step"):
+        assert roof["profiles"]["orin-agx-64gb"][stage] < roof["profiles"]["orin-nano-8gb"][stage]
+
+
+def test_reference_runs_interleaved_and_speedups_follow_the_samples(tiny_bundle_h5, tiny_ckpt_h5, tmp_path):
+    res = run_bench(
+        tiny_bundle_h5,
+        reference=tiny_ckpt_h5,
+        steps=2,
+        warmup=0,
+        out=tmp_path,
+        threads=1,
+        roofline=False,
+        plots=False,
+        progress=False,
+    )
+    ref = res["reference"]
+    assert ref["e2e"]["n"] == 2 and len(res["samples"]["reference_e2e"]) == 2
+    rt_med = statistics.median(res["samples"]["runtime"]["e2e"])
+    ref_med = statistics.median(res["samples"]["reference_e2e"])
+    assert res["speedup"]["e2e_median"] == pytest.approx(ref_med / rt_med, rel=1e-12)
+    assert 0.0 <= ref["malformed_rate"] <= 1.0
+    assert ref["tokens_per_chunk"]["median"] >= 1
+    assert "vs PyTorch reference" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "steps must be an int >= 1"),
+        ({"warmup": -1}, "warmup must be an int >= 0"),
+        ({"hz": 0}, "hz must be a positive number"),
+        ({"max_regression": -0.1}, "max_regression must be a positive fraction"),
+        ({"update_baseline": True}, "update_baseline needs against="),
+    ],
+)
+def test_bad_options_are_refused(kwargs, match, tmp_path):
+    with pytest.raises(InputError, match=match):
+        run_bench(tmp_path / "no-bundle", out=tmp_path, progress=False, **kwargs)
