@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format export-real bench-real fixture-real soak clean
+.PHONY: setup demo test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# --- CI latency/memory gate: tiny NORA-Long bundle, normalized by an in-run yardstick (< 1 min) ------------
+CI_BENCH = $(VENV)/bin/nora-edge bench $(OUT)/ci/bundle --steps 40 --warmup 5 --threads 1 --no-plots --out $(OUT)/ci/bench --against bench/baselines/ci.json
+
+$(OUT)/ci/bundle: $(STAMP)
+	rm -rf $(OUT)/ci
+	$(VENV)/bin/nora-edge tiny $(OUT)/ci/ckpt --preset tiny --horizon 5 --seed 0
+	$(VENV)/bin/nora-edge export $(OUT)/ci/ckpt --out $(OUT)/ci/bundle --no-validate
+
+bench-ci: $(OUT)/ci/bundle
+	$(CI_BENCH) --max-regression 0.15
+
+bench-ci-baseline: $(OUT)/ci/bundle
+	$(CI_BENCH) --update-baseline
+
 # --- scale runs: a person runs these, never CI (they write ~7.5 GB and take long) ---------------------
 fixture-real: $(STAMP)
 	/usr/bin/time -v $(VENV)/bin/nora-edge tiny $(OUT)/nora-real-shape --preset real-shape --horizon 5 2> $(OUT)/fixture-real.time
@@ -45,6 +59,15 @@ fixture-real: $(STAMP)
 export-real: fixture-real
 	/usr/bin/time -v $(VENV)/bin/nora-edge export $(OUT)/nora-real-shape --out $(OUT)/bundle-real-fp32 --precision fp32 2> $(OUT)/export-real.time
 	grep -E "Maximum resident|Elapsed" $(OUT)/export-real.time
+
+bench-real: export-real
+	$(VENV)/bin/nora-edge export $(OUT)/nora-real-shape --out $(OUT)/bundle-real-int8 --precision int8 --no-validate
+	$(VENV)/bin/nora-edge export $(OUT)/nora-real-shape --out $(OUT)/bundle-real-int4 --precision int4 --no-validate
+	for b in fp32 int8 int4; do $(VENV)/bin/nora-edge bench $(OUT)/bundle-real-$$b --steps 5 --warmup 1 --out $(OUT)/bench-real-$$b; done
+	$(PY) -m nora_edge.bench.baseline7b $(OUT)/bench-real-baseline7b
+
+soak: $(OUT)/ci/bundle
+	$(PY) -m nora_edge.bench.soak $(OUT)/ci/bundle --steps 10000 --out $(OUT)/soak
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache .ruff_cache
