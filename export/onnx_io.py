@@ -8,6 +8,7 @@ weights exceed ``EXTERNAL_DATA_BYTES``, so a 3 B decoder never exists twice in R
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,9 @@ import torch
 
 from nora_edge import bundle
 from nora_edge.errors import ExportError
+
+# torch.onnx warns once per export that torchvision's ops are not registered: NORA uses none of them
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to <name>.data (protobuf caps a file at 2 GB)
