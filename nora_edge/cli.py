@@ -204,7 +204,6 @@ def demo(
     from nora_edge.bench.demo import run_demo
 
     try:
-        report = run_demo(out, steps=steps)
+        run_demo(out, steps=steps)  # prints the headline table and where the report is
     except NoraEdgeError as e:
         _fail(e)
-    typer.echo(f"report: {report}")
