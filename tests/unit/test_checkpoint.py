@@ -48,7 +48,9 @@ def test_horizon5_fixture(tiny_ckpt_h5: Path) -> None:
     assert NoraCheckpoint.load(tiny_ckpt_h5).time_horizon == 5
 
 
-@pytest.mark.parametrize("name", [names.CONFIG, names.NORM_STATS, names.TOKENIZER_JSON, names.GENERATION_CONFIG])
+@pytest.mark.parametrize(
+    "name", [names.CONFIG, names.NORM_STATS, names.TOKENIZER_JSON, names.GENERATION_CONFIG]
+)
 def test_missing_file_is_named(ckpt_copy: Path, name: str) -> None:
     (ckpt_copy / name).unlink()
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
@@ -104,7 +106,9 @@ def test_missing_action_index(ckpt_copy: Path) -> None:
 
 
 def test_fast_vocab_mismatch(ckpt_copy: Path) -> None:
-    _edit_json(ckpt_copy / names.FAST_SUBDIR / names.FAST_PROCESSOR_CONFIG, lambda d: d.update(vocab_size=1024))
+    _edit_json(
+        ckpt_copy / names.FAST_SUBDIR / names.FAST_PROCESSOR_CONFIG, lambda d: d.update(vocab_size=1024)
+    )
     with pytest.raises(CheckpointError, match="FAST dir mismatch.*vocab_size"):
         NoraCheckpoint.load(ckpt_copy)
 
@@ -116,7 +120,9 @@ def test_fast_action_dim_mismatch(ckpt_copy: Path) -> None:
 
 
 def test_fast_plus_horizon_must_be_given(ckpt_copy: Path) -> None:
-    _edit_json(ckpt_copy / names.FAST_SUBDIR / names.FAST_PROCESSOR_CONFIG, lambda d: d.update(time_horizon=None))
+    _edit_json(
+        ckpt_copy / names.FAST_SUBDIR / names.FAST_PROCESSOR_CONFIG, lambda d: d.update(time_horizon=None)
+    )
     with pytest.raises(CheckpointError, match="time_horizon"):
         NoraCheckpoint.load(ckpt_copy)
     assert NoraCheckpoint.load(ckpt_copy, time_horizon=5).time_horizon == 5
