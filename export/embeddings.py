@@ -10,13 +10,12 @@ error is measured and recorded, and values beyond fp16's range are an error, nev
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nora_edge.atomic import atomic_path
 from nora_edge.errors import ExportError
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -47,16 +46,8 @@ def convert_table(weight: torch.Tensor, dtype: str) -> tuple[np.ndarray, dict]:
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> None:
     """np.save to a temp file in the same dir, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array, allow_pickle=False)
 
 
 def export_embeddings(model: torch.nn.Module, out_path: str | Path, *, dtype: str = "float16") -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nora_edge.atomic import write_text_atomic
 from nora_edge.errors import DetokenizationError, InputError
 
 REPORT_JSON = "fidelity_report.json"
@@ -184,10 +185,6 @@ def aggregate(records: Sequence[dict]) -> dict:
 
 
 # --- writing -------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -236,8 +233,8 @@ def write_report(out_dir: str | os.PathLike[str], records: Sequence[dict], meta:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"schema": SCHEMA, **meta, "aggregates": aggregate(records), "records": list(records)}
-    _write_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=1))
-    _write_atomic(out_dir / REPORT_MD, render_markdown(report))
+    write_text_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=1))
+    write_text_atomic(out_dir / REPORT_MD, render_markdown(report))
     return report
 
 

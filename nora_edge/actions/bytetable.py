@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from nora_edge.actions.dct import idct_basis
 from nora_edge.actions.result import DecodeResult, decode_batch
+from nora_edge.atomic import atomic_path, write_bytes_atomic
 from nora_edge.errors import BundleError, CheckpointError, DetokenizationError
 
 TABLE_FORMAT_VERSION = 1
@@ -191,22 +191,16 @@ class ByteTable:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one uncompressed ``.npz`` atomically (offsets, data, meta as int64/float64 scalars)."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    offsets=self.offsets,
-                    data=self.data,
-                    min_token=np.int64(self.min_token),
-                    scale=np.float64(self.scale),
-                    alphabet_max=np.int64(self.alphabet_max),
-                    format_version=np.int64(TABLE_FORMAT_VERSION),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(
+                tmp,
+                offsets=self.offsets,
+                data=self.data,
+                min_token=np.int64(self.min_token),
+                scale=np.float64(self.scale),
+                alphabet_max=np.int64(self.alphabet_max),
+                format_version=np.int64(TABLE_FORMAT_VERSION),
+            )
         return path
 
     def save_raw(self, directory: str | os.PathLike[str]) -> Path:
@@ -227,14 +221,7 @@ class ByteTable:
             RAW_META: (json.dumps(meta, indent=2) + "\n").encode("utf-8"),
         }
         for name, payload in payloads.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                os.replace(tmp, directory / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_bytes_atomic(directory / name, payload)
         return directory
 
     @classmethod

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from nora_edge.actions.bytetable import ByteTable, id_list
 from nora_edge.actions.dct import dct_ortho
 from nora_edge.actions.result import DecodeResult, decode_batch
+from nora_edge.atomic import write_text_atomic
 from nora_edge.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,6 @@ def new_byte_level_bpe() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def as_chunk_list(chunks: object, what: str) -> list[np.ndarray]:
@@ -187,9 +175,9 @@ class FastTokenizer:
             "processor_class": PROCESSOR_CLASS,
             "tokenizer_class": "PreTrainedTokenizerFast",
         }
-        atomic_write_text(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
-        atomic_write_text(directory / TOKENIZER_CONFIG, json.dumps(tokenizer_config, indent=2) + "\n")
-        atomic_write_text(directory / PROCESSOR_CONFIG, json.dumps(processor, indent=2) + "\n")
+        write_text_atomic(directory / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
+        write_text_atomic(directory / TOKENIZER_CONFIG, json.dumps(tokenizer_config, indent=2) + "\n")
+        write_text_atomic(directory / PROCESSOR_CONFIG, json.dumps(processor, indent=2) + "\n")
         return directory
 
     # ------------------------------------------------------------------ fit
