@@ -61,8 +61,9 @@ export-real: fixture-real
 	grep -E "Maximum resident|Elapsed" $(OUT)/export-real.time
 
 bench-real: export-real
-	$(VENV)/bin/nora-edge export $(OUT)/nora-real-shape --out $(OUT)/bundle-real-int8 --precision int8 --no-validate
-	$(VENV)/bin/nora-edge export $(OUT)/nora-real-shape --out $(OUT)/bundle-real-int4 --precision int4 --no-validate
+	/usr/bin/time -v $(VENV)/bin/nora-edge quantize $(OUT)/bundle-real-fp32 --out $(OUT)/bundle-real-int8 --recipe int8 2> $(OUT)/quant-real-int8.time
+	/usr/bin/time -v $(VENV)/bin/nora-edge quantize $(OUT)/bundle-real-fp32 --out $(OUT)/bundle-real-int4 --recipe int4 2> $(OUT)/quant-real-int4.time
+	grep -E "Maximum resident|Elapsed" $(OUT)/quant-real-*.time
 	for b in fp32 int8 int4; do $(VENV)/bin/nora-edge bench $(OUT)/bundle-real-$$b --steps 5 --warmup 1 --out $(OUT)/bench-real-$$b; done
 	$(PY) -m nora_edge.bench.baseline7b $(OUT)/bench-real-baseline7b
 

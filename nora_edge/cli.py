@@ -63,7 +63,12 @@ def export_cmd(
     image_size: Annotated[int, typer.Option(help="square input size the vision graph is built for")] = 224,
     time_horizon: Annotated[int | None, typer.Option(help="T when the FAST config leaves it null")] = None,
     validate: Annotated[bool, typer.Option(help="check the ONNX graphs against PyTorch")] = True,
-    report: Annotated[bool, typer.Option(help="write a fidelity report (quantized bundles)")] = False,
+    report: Annotated[
+        bool, typer.Option(help="fp32: also write fidelity_report.json (quantized: always)")
+    ] = False,
+    calibration: Annotated[
+        Path | None, typer.Option(help="folder of images + instructions.jsonl for calibrated recipes")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
@@ -79,8 +84,30 @@ def export_cmd(
             image_size=image_size,
             validate=validate,
             report=report,
+            calibration=calibration,
             overwrite=overwrite,
         )
+    except NoraEdgeError as e:
+        _fail(e)
+    typer.echo(f"bundle written: {path}")
+
+
+@app.command()
+def quantize(
+    bundle: Annotated[Path, typer.Argument(help="fp32 bundle directory")],
+    out: Annotated[Path, typer.Option("--out", help="quantized bundle directory to create")],
+    recipe: Annotated[str, typer.Option(help="recipe name (see `nora-edge recipes`)")] = "int8",
+    calibration: Annotated[
+        Path | None, typer.Option(help="folder of images + instructions.jsonl (default: synthetic frames)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+) -> None:
+    """Quantize an existing fp32 bundle (no re-export); writes fidelity_report.{json,md} into it."""
+    from nora_edge.export.quantize import load_calibration_dir, quantize_bundle
+
+    try:
+        samples = load_calibration_dir(calibration) if calibration is not None else None
+        path = quantize_bundle(bundle, out, recipe, calibration=samples, overwrite=overwrite)
     except NoraEdgeError as e:
         _fail(e)
     typer.echo(f"bundle written: {path}")
