@@ -3,7 +3,8 @@
 Data flow: (preset, horizon, seed) -> text tokenizer (text_tokenizer.py) -> config.json (transformers-4 flat
 layout, as NORA ships it) -> weights (fixture_weights.py, streamed tensor by tensor) -> generation_config.json,
 preprocessor_config.json, chat_template.json, norm_stats.json -> FAST tokenizer fitted on smooth synthetic
-trajectories (``fast/``) -> all of it built in ``out.tmp-*`` and renamed to ``out`` (atomic).
+trajectories (``fast/``) -> all of it built in ``out.tmp-*`` -> optionally trained in place there
+(``train_steps > 0``, train_fixture.py) -> renamed to ``out`` (atomic).
 
 Presets:
   tiny        1.07 M params, base vocab 512, fp32 single file. Builds in ~2 s, loads in < 0.1 s.
@@ -278,8 +279,9 @@ def build_fixture(
     seed: int = 0,
     extra_norm_keys: tuple[str, ...] | list[str] = (),
     progress: bool = True,
+    train_steps: int = 0,
 ) -> Path:
-    """Write a complete NORA-format checkpoint directory with random weights.
+    """Write a complete NORA-format checkpoint directory with random (or briefly trained) weights.
 
     Args:
         out: target directory; must not exist (built in ``out.tmp-*`` and renamed, so it appears complete
@@ -288,19 +290,24 @@ def build_fixture(
         horizon: FAST time horizon T (1 = NORA, 5 = NORA-Long); recorded in ``fast/processor_config.json``.
         seed: every random choice (corpus, weights, norm stats, FAST data) derives from it.
         extra_norm_keys: more unnorm keys in norm_stats.json besides ``fixture_robot``.
-        progress: show a progress bar while writing weights.
+        progress: show a progress bar while writing weights (and training).
+        train_steps: when > 0, train the model for that many steps with train_fixture.train_fixture (seed
+            ``seed``, its default hyperparameters) before the rename, so greedy decoding yields well-formed
+            FAST chunks; 0 (default) keeps the random weights.
 
     Returns:
         ``out`` as a Path.
 
     Raises:
-        ExportError: unknown preset, bad horizon, or ``out`` already exists.
+        ExportError: unknown preset, bad horizon or train_steps, or ``out`` already exists.
     """
     out = Path(out)
     if preset not in PRESETS:
         raise ExportError(f"unknown fixture preset {preset!r}; choose from {sorted(PRESETS)}")
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
         raise ExportError(f"fixture horizon must be a positive int, got {horizon!r}")
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+        raise ExportError(f"fixture train_steps must be a non-negative int, got {train_steps!r}")
     if out.exists():
         raise ExportError(f"fixture target already exists: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +315,10 @@ def build_fixture(
     tmp.mkdir()
     try:
         write_checkpoint_files(tmp, PRESETS[preset], horizon, seed, tuple(extra_norm_keys), progress)
+        if train_steps > 0:
+            from .train_fixture import train_fixture  # torch training stack only when asked for
+
+            train_fixture(tmp, steps=train_steps, seed=seed, progress=progress)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,9 @@ Fixture names are a contract other test folders rely on:
   tiny_ckpt_h5        tiny preset, horizon 5 (NORA-Long)
   tiny_ckpt_multikey  tiny preset, horizon 1, unnorm keys "fixture_robot", "other_robot"
   medium_ckpt         medium preset (91.9 M params), horizon 5; built only when a test asks for it
+  tiny_trained_ckpt    tiny preset, horizon 1, seed 0, trained (train_fixture.FIXTURE_TRAIN_STEPS[1] steps) so the
+                       reference's greedy output is a well-formed FAST chunk on most inputs (~15-30 s to build)
+  tiny_trained_ckpt_h5 the same for horizon 5 (NORA-Long)
   make_rgb_image      callable (seed=0, height=224, width=224) -> (H, W, 3) uint8
 Each builds lazily (pytest only creates a session fixture when a test requests it) and the export stage is
 imported inside the fixture, so runtime-only tests never import torch.
@@ -47,6 +50,25 @@ def tiny_ckpt_multikey(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def medium_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Medium (91.9 M params) NORA-format checkpoint, horizon 5, seed 0; ~3 s to build."""
     return _build(tmp_path_factory, "medium_h5", preset="medium", horizon=5, seed=0)
+
+
+def _build_trained(tmp_path_factory: pytest.TempPathFactory, name: str, horizon: int) -> Path:
+    from nora_edge.export.train_fixture import FIXTURE_TRAIN_STEPS
+
+    steps = FIXTURE_TRAIN_STEPS[horizon]
+    return _build(tmp_path_factory, name, preset="tiny", horizon=horizon, seed=0, train_steps=steps)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny checkpoint, horizon 1, seed 0, trained on the synthetic task (well-formed greedy chunks)."""
+    return _build_trained(tmp_path_factory, "tiny_trained_h1", 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_ckpt_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny checkpoint, horizon 5, seed 0, trained on the synthetic task (well-formed greedy chunks)."""
+    return _build_trained(tmp_path_factory, "tiny_trained_h5", 5)
 
 
 @pytest.fixture(scope="session")
