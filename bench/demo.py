@@ -41,16 +41,18 @@ def available_precisions() -> list[str]:
     return ["fp32", *[p for p in QUANTIZED if p in names]]
 
 
-def build_checkpoint(out: Path, preset: str, horizon: int, seed: int) -> Path:
+def build_checkpoint(out: Path, preset: str, horizon: int, seed: int, train_steps: int) -> Path:
     """The fixture checkpoint (reused when a previous demo left a complete one)."""
     from nora_edge.checkpoint import NoraCheckpoint
     from nora_edge.export.fixtures import build_fixture
 
-    ckpt = out / f"ckpt-{preset}-h{horizon}"
+    ckpt = out / (f"ckpt-{preset}-h{horizon}" + ("-trained" if train_steps else ""))
     if ckpt.is_dir():
         NoraCheckpoint.load(ckpt)  # raises CheckpointError if it is not a complete checkpoint
         return ckpt
-    return build_fixture(ckpt, preset=preset, horizon=horizon, seed=seed, progress=True)
+    return build_fixture(
+        ckpt, preset=preset, horizon=horizon, seed=seed, train_steps=train_steps, progress=True
+    )
 
 
 def export_all(ckpt: Path, out: Path, precisions: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
@@ -96,6 +98,7 @@ def run_demo(
     threads: int | None = None,
     precisions: list[str] | None = None,
     checkpoint: str | Path | None = None,
+    train: bool = True,
 ) -> Path:
     """Fixture -> bundles -> bench with reference -> ``out/report.md``; prints the headline table.
 
@@ -106,6 +109,8 @@ def run_demo(
         threads: ORT and torch threads (None: library defaults).
         precisions: bundles to build (default: fp32 + the quantized recipes available).
         checkpoint: use this NORA checkpoint instead of building the fixture.
+        train: train the fixture on the synthetic task first (``export.train_fixture``; ~20-30 s) so the
+            reference's output is well-formed and the actions can be compared; False keeps random weights.
 
     Returns:
         Path of the summary ``report.md``.
@@ -115,7 +120,13 @@ def run_demo(
     precisions = precisions or available_precisions()
     if "fp32" not in precisions:
         raise InputError(f"precisions must include fp32 (the reference precision), got {precisions}")
-    ckpt = Path(checkpoint) if checkpoint is not None else build_checkpoint(out, preset, horizon, seed)
+    if checkpoint is not None:
+        ckpt, steps_trained = Path(checkpoint), None
+    else:
+        from nora_edge.export.train_fixture import FIXTURE_TRAIN_STEPS
+
+        steps_trained = FIXTURE_TRAIN_STEPS[horizon] if train else 0
+        ckpt = build_checkpoint(out, preset, horizon, seed, steps_trained)
     bundles, refused = export_all(ckpt, out, precisions)
     results = {}
     for p, bundle in bundles.items():
@@ -123,7 +134,7 @@ def run_demo(
             bundle, reference=ckpt, steps=steps, warmup=warmup, threads=threads, out=out / f"bench-{p}"
         )
     rows = [headline_row(f"{ckpt.name} {p}", r) for p, r in results.items()]
-    text = summary_markdown(ckpt, rows, results, refused)
+    text = summary_markdown(ckpt, rows, results, refused, steps_trained)
     write_json_atomic(
         out / "demo.json",
         {"checkpoint": ckpt, "refused": refused, "results": {p: r["files"] for p, r in results.items()}},
@@ -133,12 +144,23 @@ def run_demo(
     return report
 
 
-def summary_markdown(ckpt: Path, rows: list[list], results: dict, refused: dict[str, str]) -> str:
+def summary_markdown(
+    ckpt: Path, rows: list[list], results: dict, refused: dict[str, str], steps_trained: int | None
+) -> str:
+    if steps_trained is None:
+        what = "a user-supplied checkpoint"
+    elif steps_trained:
+        what = (
+            f"a fixture trained {steps_trained} steps on a synthetic instruction -> FAST-chunk task (well-formed "
+            "output; its actions follow the instruction, they are not robot skills)"
+        )
+    else:
+        what = "a random-weight fixture (its actions mean nothing, its timings do)"
     out = [
         "# nora-edge demo",
         "",
-        f"Fixture checkpoint `{ckpt}` (random weights: its actions mean nothing, its timings do). Each bundle was "
-        "benchmarked against the PyTorch reference (HF `generate`, fp32) on the same frames in the same run.",
+        f"Checkpoint `{ckpt}`: {what}. Each bundle was benchmarked against the PyTorch reference (HF "
+        "`generate`, fp32) on the same frames in the same run.",
         "",
         table(HEADER, rows),
         "",

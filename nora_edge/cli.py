@@ -43,12 +43,15 @@ def tiny(
     preset: Annotated[Preset, typer.Option(help="model size")] = Preset.tiny,
     horizon: Annotated[int, typer.Option(help="actions per chunk: 1 (NORA) or 5 (NORA-Long)")] = 1,
     seed: Annotated[int, typer.Option(help="weights and tokenizer seed")] = 0,
+    train_steps: Annotated[
+        int, typer.Option(help="train on the synthetic task first (tiny: 200 for h=1, 150 for h=5)")
+    ] = 0,
 ) -> None:
-    """Write a NORA-architecture checkpoint with random weights (no model hub needed)."""
+    """Write a NORA-architecture checkpoint with random (or briefly trained) weights; no model hub needed."""
     from nora_edge.export.fixtures import build_fixture
 
     try:
-        path = build_fixture(out, preset=preset.value, horizon=horizon, seed=seed)
+        path = build_fixture(out, preset=preset.value, horizon=horizon, seed=seed, train_steps=train_steps)
     except NoraEdgeError as e:
         _fail(e)
     typer.echo(f"checkpoint written: {path}")
