@@ -38,7 +38,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 # --- CI latency/memory gate: tiny NORA-Long bundle, normalized by an in-run yardstick (< 1 min) ------------
-CI_BENCH = $(VENV)/bin/nora-edge bench $(OUT)/ci/bundle --steps 40 --warmup 5 --threads 1 --no-plots --out $(OUT)/ci/bench --against bench/baselines/ci.json
+CI_BENCH = $(VENV)/bin/nora-edge bench $(OUT)/ci/bundle --steps 200 --warmup 20 --threads 1 --no-plots --out $(OUT)/ci/bench --against bench/baselines/ci.json
 
 $(OUT)/ci/bundle: $(STAMP)
 	rm -rf $(OUT)/ci
