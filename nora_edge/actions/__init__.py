@@ -6,7 +6,7 @@ Data flow: model ids (Qwen) --ActionIdMap--> FAST ids --FastTokenizer.decode / B
 """
 
 from nora_edge.actions.automaton import AutomatonState, FastAutomaton
-from nora_edge.actions.bytetable import ByteTable, decode_with_table
+from nora_edge.actions.bytetable import ByteTable
 from nora_edge.actions.dct import dct_basis, dct_ortho, idct_ortho
 from nora_edge.actions.fast import FastTokenizer
 from nora_edge.actions.ids import ActionIdMap
@@ -21,6 +21,5 @@ __all__ = [
     "FastTokenizer",
     "dct_basis",
     "dct_ortho",
-    "decode_with_table",
     "idct_ortho",
 ]

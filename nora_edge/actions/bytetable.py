@@ -378,16 +378,3 @@ class ByteTable:
             on_error,
             last_good,
         )
-
-
-def decode_with_table(
-    table: ByteTable,
-    ids: object,
-    time_horizon: int,
-    action_dim: int,
-    *,
-    on_error: str = "raise",
-    last_good: np.ndarray | None = None,
-) -> np.ndarray | DecodeResult:
-    """Function form of :meth:`ByteTable.decode`."""
-    return table.decode(ids, time_horizon, action_dim, on_error=on_error, last_good=last_good)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
-from nora_edge.actions import ByteTable, decode_with_table
+from nora_edge.actions import ByteTable
 from nora_edge.actions.bytetable import RAW_META, byte_level_char_map
 from nora_edge.errors import BundleError
 
@@ -58,7 +58,7 @@ def test_save_load_decodes_identically(tmp_path, fast_h5, fmt):
     )
     chunks = np.stack([smooth_chunk(np.random.default_rng(s), 5, 7) for s in range(20)])  # (B, T, D)
     ids = fast_h5.encode(chunks)
-    np.testing.assert_array_equal(decode_with_table(loaded, ids, 5, 7), fast_h5.decode(ids))
+    np.testing.assert_array_equal(loaded.decode(ids, 5, 7), fast_h5.decode(ids))
     assert not [p for p in tmp_path.rglob(".*")]
 
 
