@@ -1,10 +1,17 @@
 """Apply a recipe to one exported ONNX graph: the call the export pipeline makes between export and bundle.
 
 Data flow: ``onnx_path_in`` (fp32, + external data) -> name nodes, rewrite Gemm to MatMul when an integer
-recipe asks -> passes in a temp dir beside the output (the decoder's head nodes first with the head recipe,
-then the rest with the decoder recipe) -> ``onnx_path_out`` (atomic; external data when > 2 GB) ->
-onnxruntime loads it -> parity against the fp32 graph on up to ``parity_samples`` calibration feeds ->
-:class:`QuantResult` (sizes, nodes quantized / kept fp32, time, parity).
+recipe asks, find the decoder's head nodes -> either
+
+- streaming (fp32, int8 dynamic, int4/int8 RTN: every built-in CPU recipe): the graph without weights and a
+  per-node plan (head nodes -> head recipe, the rest -> body recipe) -> :func:`stream_quantize`, one weight
+  in memory at a time, or
+- in memory (fp16, int8-qdq, hqq): the whole model -> onnxruntime's quantizers, in passes in a temp dir
+  beside the output (head nodes first with the head recipe, then the rest),
+
+-> ``onnx_path_out`` (atomic; external data when > 2 GB) -> onnxruntime loads it -> parity against the fp32
+graph on up to ``parity_samples`` calibration feeds (one session at a time) -> :class:`QuantResult` (sizes,
+nodes quantized / kept fp32, time, parity).
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ import onnxruntime as ort
 from nora_edge.errors import ExportError, InputError
 
 from . import fp16 as fp16_mod
-from .graph import find_head_nodes, load_model, model_size, rewrite_gemm_to_matmul, save_model_atomic
+from .graph import (
+    find_head_nodes,
+    load_gemm_weights,
+    load_model,
+    model_size,
+    rewrite_gemm_to_matmul,
+    save_model_atomic,
+)
 from .int8 import quantize_int8_dynamic, quantize_int8_qdq
 from .recipes import (
     GRAPH_RECIPE_TYPES,
@@ -37,6 +51,7 @@ from .recipes import (
     WeightOnlyRecipe,
     get_recipe,
 )
+from .stream import WeightSource, stream_quantize, streamable
 from .weight_only import quantize_weight_only
 
 Feed = Mapping[str, np.ndarray]
@@ -166,35 +181,18 @@ def apply_recipe(
             raise ExportError(f"{component_name}: recipe '{r.kind}' needs calibration feeds for {src.name}")
     bytes_before = model_size(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dst.stem}-quant-", dir=dst.parent) as work:
-        work = Path(work)
-        model = load_model(src)
-        fp16_mod.name_nodes(model)
-        wants_rewrite = any(getattr(r, "rewrite_gemm", False) for r in (body, head))
-        gemm = rewrite_gemm_to_matmul(model) if wants_rewrite else None
-        split = head != body
-        heads = (
-            list(head_nodes)
-            if head_nodes is not None
-            else (find_head_nodes(model, logits_output) if split else [])
-        )
-        targets_before = {n.name: n.op_type for n in model.graph.node if n.op_type in QUANTIZABLE_OPS}
-        stage = work / "stage0.onnx"
-        save_model_atomic(model, stage)
+    if streamable(body) and streamable(head):  # one weight in memory at a time (the 3B decoder needs it)
+        model = load_model(src, load_weights=False)
+        gemm, split, heads = _prepare(model, body, head, head_nodes, logits_output, base=src.parent)
+        head_set = set(heads)
+        plan = {n.name: head if n.name in head_set else body for n in model.graph.node}
+        quantized, data_files = stream_quantize(model, WeightSource(src), dst, plan)
         del model
         kept: list[fp16_mod.KeptNode] = []
-        passes = [(head, heads, None), (body, None, heads)] if split else [(body, None, ())]
-        for i, (r, include, exclude) in enumerate(passes):
-            nxt = work / f"stage{i + 1}.onnx"
-            done = _run_pass(
-                r, stage, nxt, feeds, include=include, exclude=exclude, float_head=heads if split else ()
-            )
-            kept.extend(done)
-            stage = nxt if nxt.exists() else stage
-        final = load_model(stage)
-        quantized = _quantized_nodes(targets_before, final)
-        data_files = save_model_atomic(final, dst)
-        del final
+    else:
+        quantized, data_files, kept, gemm, split, heads = _apply_in_memory(
+            src, dst, body, head, feeds, head_nodes, logits_output
+        )
     _check_loads(dst)
     parity = check_parity(src, dst, feeds[:parity_samples]) if feeds else {}
     describe = {"body": body.describe()} | ({"head": head.describe()} if split else {})
@@ -214,6 +212,52 @@ def apply_recipe(
         seconds=time.perf_counter() - t0,
         parity=parity,
     )
+
+
+def _prepare(model, body, head, head_nodes, logits_output, *, base: Path | None = None):
+    """Name nodes, rewrite Gemm when a recipe asks, find the head nodes: (gemm rewrite, split, heads).
+
+    ``base``: the model folder when weights are not loaded; then only the Gemm weights that the rewrite
+    transposes are read in.
+    """
+    fp16_mod.name_nodes(model)
+    wants_rewrite = any(getattr(r, "rewrite_gemm", False) for r in (body, head))
+    if wants_rewrite and base is not None:
+        load_gemm_weights(model, base)
+    gemm = rewrite_gemm_to_matmul(model) if wants_rewrite else None
+    split = head != body
+    heads = (
+        list(head_nodes)
+        if head_nodes is not None
+        else (find_head_nodes(model, logits_output) if split else [])
+    )
+    return gemm, split, heads
+
+
+def _apply_in_memory(src: Path, dst: Path, body, head, feeds, head_nodes, logits_output):
+    """The recipes that need the whole model in memory (fp16, int8-qdq, hqq): onnxruntime's quantizers."""
+    with tempfile.TemporaryDirectory(prefix=f".{dst.stem}-quant-", dir=dst.parent) as work:
+        work = Path(work)
+        model = load_model(src)
+        gemm, split, heads = _prepare(model, body, head, head_nodes, logits_output)
+        targets_before = {n.name: n.op_type for n in model.graph.node if n.op_type in QUANTIZABLE_OPS}
+        stage = work / "stage0.onnx"
+        save_model_atomic(model, stage)
+        del model
+        kept: list[fp16_mod.KeptNode] = []
+        passes = [(head, heads, None), (body, None, heads)] if split else [(body, None, ())]
+        for i, (r, include, exclude) in enumerate(passes):
+            nxt = work / f"stage{i + 1}.onnx"
+            done = _run_pass(
+                r, stage, nxt, feeds, include=include, exclude=exclude, float_head=heads if split else ()
+            )
+            kept.extend(done)
+            stage = nxt if nxt.exists() else stage
+        final = load_model(stage)
+        quantized = _quantized_nodes(targets_before, final)
+        data_files = save_model_atomic(final, dst)
+        del final
+    return quantized, data_files, kept, gemm, split, heads
 
 
 def _run_pass(r: GraphRecipe, src: Path, dst: Path, feeds, *, include, exclude, float_head) -> list:
@@ -277,6 +321,16 @@ def _check_loads(path: Path) -> None:
         raise ExportError(f"{path}: onnxruntime cannot load the quantized graph ({e})") from e
 
 
+def _run_all(path: Path, feeds: Sequence[Feed], names: Sequence[str] | None = None):
+    """(input names, output names, outputs per feed) of one CPU session, closed before returning."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    in_names = [i.name for i in sess.get_inputs()]
+    names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
+    outs = [sess.run(names, {n: f[n] for n in in_names}) for f in feeds]
+    del sess
+    return in_names, names, outs
+
+
 def check_parity(ref_path: Path, test_path: Path, feeds: Sequence[Feed]) -> dict:
     """Compare every graph output of ``test_path`` with ``ref_path`` on ``feeds``.
 
@@ -286,16 +340,13 @@ def check_parity(ref_path: Path, test_path: Path, feeds: Sequence[Feed]) -> dict
     Raises:
         ExportError: the test graph gives inf/NaN where the reference is finite.
     """
-    ref = ort.InferenceSession(str(ref_path), providers=["CPUExecutionProvider"])
-    test = ort.InferenceSession(str(test_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in ref.get_outputs()]
+    _, names, want = _run_all(ref_path, feeds)  # one session alive at a time: a 3B graph is ~12 GB
+    _, _, got = _run_all(test_path, feeds, names)
     acc: dict[str, dict] = {
         n: {"max_abs_err": 0.0, "ref_max_abs": 0.0, "dot": 0.0, "rr": 0.0, "tt": 0.0} for n in names
     }
-    in_names = [i.name for i in ref.get_inputs()]
-    for k, feed in enumerate(feeds):
-        feed = {n: feed[n] for n in in_names}
-        for name, a, b in zip(names, ref.run(names, feed), test.run(names, feed), strict=True):
+    for k, (ref_outs, test_outs) in enumerate(zip(want, got, strict=True)):
+        for name, a, b in zip(names, ref_outs, test_outs, strict=True):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             if np.isfinite(a).all() and not np.isfinite(b).all():
                 raise ExportError(

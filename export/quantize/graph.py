@@ -132,6 +132,21 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def load_gemm_weights(model: onnx.ModelProto, base: str | os.PathLike[str]) -> int:
+    """Read in the external data of every Gemm's constant B (what :func:`rewrite_gemm_to_matmul` transposes)
+    in a model loaded without weights; ``base`` is the model's folder. Returns how many tensors were read."""
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for n in model.graph.node:
+        t = inits.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
+        if t is not None and external_data_helper.uses_external_data(t):
+            external_data_helper.load_external_data_for_tensor(t, str(base))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            count += 1
+    return count
+
+
 def rewrite_gemm_to_matmul(model: onnx.ModelProto) -> GemmRewrite:
     """Rewrite ``Gemm(A, B, C)`` with constant 2-D B, alpha = beta = 1, transA = 0 to ``MatMul(A, B') (+ C)``.
 
@@ -172,13 +187,13 @@ def rewrite_gemm_to_matmul(model: onnx.ModelProto) -> GemmRewrite:
         b_name = node.input[1]
         if trans_b:
             b = numpy_helper.to_array(inits[b_name])
-            new_b = _fresh(f"{b_name}_T", taken)
+            new_b = fresh_name(f"{b_name}_T", taken)
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b.T), new_b))  # (K, N)
             uses[b_name] -= 1
             b_name = new_b
         out = node.output[0]
         if has_c:
-            mm_out = _fresh(f"{out}_matmul", taken)
+            mm_out = fresh_name(f"{out}_matmul", taken)
             new_nodes.append(
                 onnx.helper.make_node("MatMul", [node.input[0], b_name], [mm_out], name=f"{name}_MatMul")
             )
@@ -197,7 +212,7 @@ def rewrite_gemm_to_matmul(model: onnx.ModelProto) -> GemmRewrite:
     return GemmRewrite(tuple(rewritten), tuple(skipped))
 
 
-def _fresh(base: str, taken: set[str]) -> str:
+def fresh_name(base: str, taken: set[str]) -> str:
     name, i = base, 0
     while name in taken:
         i += 1
