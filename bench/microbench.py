@@ -25,6 +25,8 @@ from nora_edge.profiles import PRECISIONS, PROFILE_DIR, DeviceProfile, parse_pro
 
 GEMM_SHAPE = (128, 2048, 2048)  # (M, K, N): a prefill-sized matmul
 GEMV_SHAPE = (1, 2048, 8192)  # 64 MB of fp32 weights: streams from DRAM
+QGEMV_SHAPE = (1, 4096, 8192)  # int8 / int4 GEMV: 32 / 16 MB of weights, dequantized in the kernel
+QGEMV_PRECISIONS = ("int8", "int4")  # ORT's CPU kernels for these are compute-limited at batch 1
 COPY_BYTES = 64 * 2**20
 
 
@@ -35,6 +37,7 @@ class HostMeasurement:
     Attributes:
         gemm_gflops: per precision, GFLOP/s of an ORT (M, K, N) = GEMM_SHAPE matmul.
         gemv_gbs: fp32 GEMV weight bytes / s (GEMV_SHAPE).
+        gemv_gflops: int8 / int4 GFLOP/s of a batch-1 ORT matmul (QGEMV_SHAPE).
         copy_gbs: numpy copy, (read + write) bytes / s.
         unit_ms: median fp32 GEMM ms + median fp32 GEMV ms (the CI gate's yardstick).
         threads: ORT intra-op threads (0 = ORT default).
@@ -44,6 +47,7 @@ class HostMeasurement:
 
     gemm_gflops: dict[str, float]
     gemv_gbs: float
+    gemv_gflops: dict[str, float]
     copy_gbs: float
     unit_ms: float
     threads: int
@@ -68,6 +72,16 @@ def gemm_gflops(precision: str, threads: int | None, reps: int) -> tuple[float, 
     feeds = {"x": np.ones((m, k), dtype)}
     times = time_session(sess, feeds, reps)
     return 2.0 * m * k * n / min(times) / 1e9, statistics.median(times)
+
+
+def qgemv_gflops(precision: str, threads: int | None, reps: int) -> float:
+    """GFLOP/s of the best run of one QGEMV_SHAPE batch-1 linear in ``precision`` (int8 or int4)."""
+    m, k, n = QGEMV_SHAPE
+    g = GraphBuilder(np.float32)
+    x = g.add_input("x", [m, k])
+    g.add_output(g.linear(x, k, n, precision))
+    times = time_session(g.session(threads), {"x": np.ones((m, k), np.float32)}, reps)
+    return 2.0 * m * k * n / min(times) / 1e9
 
 
 def gemv_gbs(threads: int | None, reps: int) -> tuple[float, float]:
@@ -116,6 +130,7 @@ def measure_host(threads: int | None = None, reps: int = 7) -> HostMeasurement:
     return HostMeasurement(
         gemm_gflops=rates,
         gemv_gbs=bw,
+        gemv_gflops={p: qgemv_gflops(p, threads, reps) for p in QGEMV_PRECISIONS},
         copy_gbs=copy_gbs(reps),
         unit_ms=1e3 * unit,
         threads=threads or 0,
@@ -147,6 +162,11 @@ def host_profile(m: HostMeasurement) -> DeviceProfile:
     data["peak_tflops"] = {
         p: {"value": m.gemm_gflops[p] / 1e3, "source": f"{src} {kernels[p]} GEMM {m_}x{k}x{n}"}
         for p in PRECISIONS
+    }
+    _, qk, qn = QGEMV_SHAPE
+    data["gemv_tflops"] = {
+        p: {"value": m.gemv_gflops[p] / 1e3, "source": f"{src} {kernels[p]} GEMV 1x{qk}x{qn}"}
+        for p in QGEMV_PRECISIONS
     }
     return parse_profile(data, str(path), measured=True)
 

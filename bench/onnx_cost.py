@@ -156,7 +156,10 @@ class _Walker:
         act = 0.0 if node.op_type in _VIEW_OPS else self.io_bytes(ins) + self.io_bytes(list(node.output))
         name = node.name or f"{node.op_type}:{node.output[0]}"
         kind = "matmul" if node.op_type in _MATMUL_OPS else "elementwise"
-        return OpCost(name, flops, weights, act, prec, kind)
+        rows = 0
+        if kind == "matmul" and weights > 0 and ins[0] in self.shapes:
+            rows = math.prod(self.shapes[ins[0]][0][:-1])  # activation rows: 1 for a decode step
+        return OpCost(name, flops, weights, act, prec, kind, rows)
 
     def _constant_bytes(self, node: onnx.NodeProto, out: str) -> float:
         return _nbytes(*self.shapes[out]) if out in self.shapes else 0.0

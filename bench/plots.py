@@ -76,9 +76,9 @@ def plot_stages(report: dict, path: Path) -> Path:
 def plot_roofline(report: dict, path: Path) -> Path:
     plt = _pyplot()
     roof = report["roofline"]["host"]
-    sources = {k.split(".")[1]: v for k, v, *_ in report["host"]["sources"]}
-    peak = sources["fp32"] * 1e3  # GFLOP/s
-    bw = sources["bandwidth_gbs"]
+    sources = {k: v for k, v, *_ in report["host"]["sources"]}
+    peak = sources["peak_tflops.fp32"] * 1e3  # GFLOP/s
+    bw = sources["memory.bandwidth_gbs"]
     xs = np.logspace(-2, 4, 200)
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.loglog(

@@ -6,7 +6,8 @@ per-stage :class:`StageCost` (vision, prefill, decode_token, action_head), each 
 :class:`~nora_edge.profiles.DeviceProfile`--> milliseconds per stage --:func:`predict_inference`--> end-to-end
 latency, inferences/s and actions/s.
 
-Model: each op takes ``max(flops / (peak[precision] * eff_compute), bytes / (bandwidth * eff_memory))``; a stage is
+Model: each op takes ``max(flops / (peak[precision] * eff_compute), bytes / (bandwidth * eff_memory))``, with the
+profile's GEMV rate as the peak for one-row weight products where it has one (``host``: int8 and int4); a stage is
 the sum of its ops (kernels run one after another at batch 1). Bytes are the weights read once per forward plus
 activations and KV cache read and written.
 """
@@ -80,7 +81,9 @@ class PrecisionPlan:
 class OpCost:
     """One kernel's work. ``precision`` picks the peak rate; bytes are read + written.
 
-    ``kind`` is "matmul" (weight or activation products, attention included) or "elementwise".
+    ``kind`` is "matmul" (weight or activation products, attention included) or "elementwise". ``rows`` is the
+    number of activation rows of a weight product (1: a GEMV, which may run at the profile's GEMV rate; 0:
+    not a weight product or unknown).
     """
 
     name: str
@@ -89,6 +92,7 @@ class OpCost:
     act_bytes: float
     precision: str
     kind: str = "matmul"
+    rows: int = 0
 
     @property
     def bytes(self) -> float:
@@ -143,6 +147,7 @@ def linear_op(
         weight_bytes=params * plan.bytes_per_param(prec) + (n_out * plan.act_bytes if bias else 0),
         act_bytes=float(tokens * (n_in + n_out) * plan.act_bytes),
         precision=prec,
+        rows=tokens,
     )
 
 
@@ -292,7 +297,7 @@ def analytic_stage_costs(spec: VlaSpec, plan: PrecisionPlan) -> dict[str, StageC
 
 def op_ms(op: OpCost, profile: DeviceProfile) -> tuple[float, str]:
     """(milliseconds, "compute" | "memory") of one op on ``profile``."""
-    peak = profile.peak_flops_per_s(op.precision) * profile.efficiency["compute"].value
+    peak = profile.rate_flops_per_s(op.precision, op.rows) * profile.efficiency["compute"].value
     bw = profile.bandwidth_bytes_per_s * profile.efficiency["memory"].value
     t_c, t_m = op.flops / peak, op.bytes / bw
     return 1e3 * max(t_c, t_m), "compute" if t_c >= t_m else "memory"

@@ -13,6 +13,8 @@ TOML layout (every number is an inline table ``{ value = ..., source = "...", es
     [gpu]         sms, clock_mhz                         (optional: CPUs have none)
     [peak_tflops] fp32, fp16, int8, int4                 (dense; int4 = weight-only on fp16 math)
     [efficiency]  compute, memory                        (fraction of peak a real runtime reaches)
+    [gemv_tflops] any of fp32, fp16, int8, int4          (optional: batch-1 rate where the runtime's GEMV
+                                                          kernel is compute-limited; measured on ``host``)
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class DeviceProfile:
         efficiency: ``compute`` and ``memory`` fractions of peak that a real runtime reaches.
         gpu: ``sms`` and ``clock_mhz`` when the device is a GPU.
         measured: True when the peaks were measured on this machine at run time.
+        gemv_tflops: batch-1 (one activation row) rate per precision where it differs from the peak: ORT's
+            CPU int8/int4 GEMV kernels dequantize and run integer dot products, and at batch 1 that work, not
+            the weight stream, bounds them. Absent precisions use ``peak_tflops``.
     """
 
     name: str
@@ -70,6 +75,7 @@ class DeviceProfile:
     efficiency: dict[str, Quantity]
     gpu: dict[str, Quantity] | None = None
     measured: bool = False
+    gemv_tflops: dict[str, Quantity] | None = None
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -83,12 +89,20 @@ class DeviceProfile:
             )
         return self.peak_tflops[precision].value * 1e12
 
+    def rate_flops_per_s(self, precision: str, rows: int = 0) -> float:
+        """Compute rate of a weight product with ``rows`` activation rows (1: a GEMV; 0: unknown)."""
+        if rows == 1 and self.gemv_tflops and precision in self.gemv_tflops:
+            return self.gemv_tflops[precision].value * 1e12
+        return self.peak_flops_per_s(precision)
+
     def sources(self) -> list[tuple[str, float, str, bool]]:
         """Every number as (field, value, source, estimate) for the report's assumption list."""
         rows = []
         sections = {"memory": self.memory, "peak_tflops": self.peak_tflops, "efficiency": self.efficiency}
         if self.gpu:
             sections["gpu"] = self.gpu
+        if self.gemv_tflops:
+            sections["gemv_tflops"] = self.gemv_tflops
         for section, fields in sections.items():
             for key, q in fields.items():
                 rows.append((f"{section}.{key}", q.value, q.source, q.estimate))
@@ -138,6 +152,15 @@ def parse_profile(data: dict, source: str, *, measured: bool = False) -> DeviceP
             raise ProfileError(f"{source}: missing string field '{key}'")
     sections = {s: _section(data, s, keys, source) for s, keys in _SECTIONS.items()}
     gpu = _section(data, "gpu", _OPTIONAL_SECTIONS["gpu"], source) if "gpu" in data else None
+    gemv = None
+    if "gemv_tflops" in data:
+        table = data["gemv_tflops"]
+        unknown = sorted(set(table) - set(PRECISIONS)) if isinstance(table, dict) else [table]
+        if unknown or not table:
+            raise ProfileError(
+                f"{source}: [gemv_tflops] keys {unknown or '(none)'}; expected some of {PRECISIONS}"
+            )
+        gemv = _section(data, "gemv_tflops", tuple(k for k in PRECISIONS if k in table), source)
     for key, q in sections["efficiency"].items():
         if not 0 < q.value <= 1:
             raise ProfileError(f"{source}: efficiency.{key} = {q.value} must be in (0, 1]")
@@ -149,6 +172,7 @@ def parse_profile(data: dict, source: str, *, measured: bool = False) -> DeviceP
         efficiency=sections["efficiency"],
         gpu=gpu,
         measured=measured,
+        gemv_tflops=gemv,
     )
 
 

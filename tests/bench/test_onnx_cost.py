@@ -88,7 +88,7 @@ def test_quantized_linear_bytes_and_precision(precision):
     cost = graph_cost(g.model(), {})
     (mm,) = [o for o in cost.ops if o.kind == "matmul"]
     assert mm.flops == 2 * 3 * 256 * 640
-    assert mm.precision == precision
+    assert mm.precision == precision and mm.rows == 3  # activation rows of the weight product
     # weight bytes = every array the builder made for this linear (packed int4 + scales, int8 + scales)
     assert cost.weight_bytes == g.weight_bytes()
 
@@ -103,6 +103,18 @@ def test_walked_decoder_layer_matches_the_analytic_layer(precision, new, past):
     assert walked.matmul_flops == analytic.matmul_flops
     # the analytic model leaves out the norm weights and pads nothing; int4 blocks pad K = 704 to 768
     assert walked.weight_bytes == pytest.approx(analytic.weight_bytes, rel=0.03)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_decode_step_weight_products_are_gemvs(precision):
+    g, _ = layers.decoder_layer(LM, 1, 17, precision)
+    walked = graph_cost(g.model(), {})
+    analytic = lm_layer_ops(LM, 1, 17, PrecisionPlan.preset(precision, host=True), "l")
+    weighted = [o for o in walked.ops if o.kind == "matmul" and o.weight_bytes > 0]
+    assert len(weighted) == 7 and all(o.rows == 1 for o in weighted)  # q, k, v, o, gate, up, down
+    assert {o.rows for o in analytic if o.weight_bytes > 0} == {1}
+    prefill = graph_cost(layers.decoder_layer(LM, 10, 0, precision)[0].model(), {})
+    assert {o.rows for o in prefill.ops if o.kind == "matmul" and o.weight_bytes > 0} == {10}
 
 
 def test_walked_vit_blocks_match_the_analytic_blocks():

@@ -107,3 +107,25 @@ def test_missing_table_is_refused():
 def test_unknown_precision_is_an_input_error():
     with pytest.raises(InputError, match="unknown precision 'fp8'"):
         load_profile("orin-agx-64gb").peak_flops_per_s("fp8")
+
+
+def test_gemv_rates_apply_to_one_row_products_only():
+    data = _valid()
+    data["gemv_tflops"] = {"int4": {"value": 0.5, "source": "a measured GEMV"}}
+    prof = parse_profile(data, "x.toml")
+    peak = prof.peak_flops_per_s("int4")
+    assert peak != 0.5e12
+    assert prof.rate_flops_per_s("int4", rows=1) == 0.5e12
+    assert prof.rate_flops_per_s("int4", rows=8) == peak and prof.rate_flops_per_s("int4") == peak
+    assert prof.rate_flops_per_s("int8", rows=1) == prof.peak_flops_per_s("int8")  # no GEMV rate given
+    assert ("gemv_tflops.int4", 0.5, "a measured GEMV", False) in prof.sources()
+    data["gemv_tflops"] = {"int3": {"value": 0.5, "source": "?"}}
+    with pytest.raises(ProfileError, match=r"\[gemv_tflops\] keys \['int3'\]"):
+        parse_profile(data, "x.toml")
+
+
+def test_host_profile_measures_quantized_gemv_rates():
+    host = load_profile("host")
+    assert set(host.gemv_tflops) == {"int8", "int4"}
+    for p, q in host.gemv_tflops.items():
+        assert q.value > 0 and "GEMV 1x4096x8192" in q.source, (p, q)
