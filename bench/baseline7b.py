@@ -29,7 +29,7 @@ from nora_edge.bench.roofline import (
 from nora_edge.profiles import DeviceProfile, list_profiles, load_profile
 
 DEVICE_PLANS = ("fp16", "int8", "int4")
-HOST_PLANS = ("fp32", "int4")
+HOST_PLANS = ("fp32", "int8", "int4")
 CONTROL_HZ = 25
 EXTRAPOLATED = "extrapolated from one layer"
 
