@@ -286,17 +286,16 @@ def fidelity_report(
     if not samples:
         raise InputError("fidelity_report: no held-out samples")
     is_torch_ref = type(reference).__name__ == "ReferencePolicy"
+    # one model loaded at a time: every reference run first (a 3B fp32 bundle holds ~14 GB), then the candidate
     ref = reference if is_torch_ref else recording_policy(reference, constrained=constrained)
+    run_ref = run_reference if is_torch_ref else run_nora
+    ref_runs = [run_ref(ref, s.image, s.instruction, unnorm_key) for s in samples]
+    del ref
     test = recording_policy(candidate, constrained=constrained)
-    records = []
-    for i, s in enumerate(samples):
-        r = (
-            run_reference(ref, s.image, s.instruction, unnorm_key)
-            if is_torch_ref
-            else run_nora(ref, s.image, s.instruction, unnorm_key)
-        )
-        t = run_nora(test, s.image, s.instruction, unnorm_key)
-        records.append(compare_runs(i, s.instruction, r, t, gripper_dim))
+    records = [
+        compare_runs(i, s.instruction, r, run_nora(test, s.image, s.instruction, unnorm_key), gripper_dim)
+        for i, (s, r) in enumerate(zip(samples, ref_runs, strict=True))
+    ]
     names = labels or (_label(reference), _label(candidate))
     meta = {
         "reference": names[0],

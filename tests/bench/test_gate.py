@@ -1,5 +1,5 @@
 """The CI gate on real runs of the tiny bundle: an unchanged run passes, a run whose vision stage is slowed by 30%
-(a sleep injected around the policy's vision stage function, not edited numbers) fails, naming the stage."""
+(a busy wait injected after the policy's vision stage function, not edited numbers) fails, naming the stage."""
 
 from __future__ import annotations
 
@@ -16,11 +16,17 @@ STEPS = 40
 
 
 def slowed(fn, seconds: float):
-    """``fn`` followed by a sleep: the stage takes ``seconds`` longer on every call."""
+    """``fn`` followed by a busy wait: the stage takes ``seconds`` longer on every call.
+
+    A busy wait, like the extra work of a real regression; a sleep idles the core, and the next stage (prefill)
+    then starts on a descheduled thread with cold caches and reads up to ~15% slower.
+    """
 
     def wrapper(*args, **kwargs):
         out = fn(*args, **kwargs)
-        time.sleep(seconds)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
         return out
 
     return wrapper
