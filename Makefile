@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,bench,dev]'
+	$(PY) -m pip install -q -e '.[export,bench,dev,bnb]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -179,8 +179,10 @@ def bench_markdown(res: dict) -> str:
     ]
     if res.get("speedup"):
         s, ref = res["speedup"], res["reference"]
+        quant = res["config"].get("reference_quant")
+        label = f"PyTorch reference ({quant}, bitsandbytes)" if quant else "PyTorch reference (fp32)"
         out.append(
-            f"- vs PyTorch reference (same run, same inputs): {s['e2e_median']:.1f}x faster median, "
+            f"- vs {label} (same run, same inputs): {s['e2e_median']:.1f}x faster median, "
             f"{s['e2e_p99']:.1f}x at p99, {s.get('per_generated_token', float('nan')):.1f}x per generated token "
             f"(reference median {ref['e2e']['median']:.1f} ms, {ref['tokens_per_chunk']['median']:.0f} tokens, "
             f"malformed {100 * ref['malformed_rate']:.0f}%)"

@@ -69,15 +69,16 @@ def check_args(steps: int, warmup: int, hz: float, max_regression: float) -> Non
         raise InputError(f"max_regression must be a positive fraction, got {max_regression!r}")
 
 
-def load_reference(reference: str | Path, horizon: int, threads: int | None):
-    """The PyTorch reference on the checkpoint (imports the export stage, i.e. torch)."""
+def load_reference(reference: str | Path, horizon: int, threads: int | None, quantization: str | None = None):
+    """The PyTorch reference on the checkpoint (imports the export stage, i.e. torch); ``quantization``:
+    None, "bnb-int8" or "bnb-nf4" (bitsandbytes, as users run NORA today)."""
     import torch
 
     from nora_edge.export.reference import ReferencePolicy
 
     if threads:
         torch.set_num_threads(threads)
-    return ReferencePolicy.from_pretrained(reference, time_horizon=horizon)
+    return ReferencePolicy.from_pretrained(reference, time_horizon=horizon, quantization=quantization)
 
 
 class _Recorder:
@@ -211,6 +212,7 @@ def run_bench(
     bundle: str | Path | None,
     *,
     reference: str | Path | None = None,
+    reference_quant: str | None = None,
     steps: int = 50,
     warmup: int = 5,
     hz: float = 25,
@@ -233,6 +235,7 @@ def run_bench(
     Args:
         bundle: bundle directory (ignored when ``policy`` is given).
         reference: NORA checkpoint dir: run the PyTorch reference on the same inputs in the same run.
+        reference_quant: load that reference through bitsandbytes: "bnb-int8" or "bnb-nf4" (None: fp32).
         steps / warmup: timed and untimed inferences.
         hz: control rate; an inference misses its deadline when it takes longer than horizon / hz.
         out: report directory (created).
@@ -264,7 +267,9 @@ def run_bench(
     else:
         policy_rss = None
     horizon = policy.time_horizon
-    ref = load_reference(reference, horizon, threads) if reference is not None else None
+    if reference_quant is not None and reference is None:
+        raise InputError(f"reference_quant={reference_quant!r} needs reference= (the checkpoint to load)")
+    ref = load_reference(reference, horizon, threads, reference_quant) if reference is not None else None
     deadline_ms = 1e3 * horizon / hz
     images = bench_images(N_IMAGES, seed)
     host = host_profile(measure_host(threads))
@@ -306,6 +311,7 @@ def run_bench(
             "deadline_ms": deadline_ms,
             "unnorm_key": unnorm_key,
             "reference": str(reference) if reference else None,
+            "reference_quant": reference_quant,
         },
         "host": host_profile_json(host),
         "unit_ms": {"samples": yardstick.samples_ms, "min": yardstick.unit_ms},

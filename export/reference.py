@@ -28,7 +28,7 @@ from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from nora_edge import names
 from nora_edge.actions.fast import FastTokenizer
 from nora_edge.checkpoint import NoraCheckpoint
-from nora_edge.errors import DetokenizationError, InputError
+from nora_edge.errors import DetokenizationError, ExportError, InputError
 
 from .processor import NoraProcessor, load_processor
 
@@ -94,6 +94,37 @@ def nora_messages(image: PIL.Image.Image, instruction: str) -> list[dict]:
     ]
 
 
+BNB_QUANTIZATIONS = ("bnb-int8", "bnb-nf4")
+
+
+def bnb_config(quantization: str, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for a ``--reference-quant`` name (bitsandbytes' CPU backend here).
+
+    Raises:
+        InputError: unknown name.
+        ExportError: bitsandbytes or accelerate missing.
+    """
+    if quantization not in BNB_QUANTIZATIONS:
+        raise InputError(f"reference quantization {quantization!r}: choose one of {list(BNB_QUANTIZATIONS)}")
+    import importlib.util
+
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"reference quantization {quantization!r} needs {missing}: pip install 'nora-edge[bnb]'"
+        )
+    import warnings
+
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "bnb-int8":
+        warnings.filterwarnings(
+            "ignore", message="MatMul8bitLt: inputs will be cast"
+        )  # once per call otherwise
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
 class ReferencePolicy:
     """NORA's inference on the HF PyTorch model, with malformed decodes made visible.
 
@@ -126,6 +157,7 @@ class ReferencePolicy:
         time_horizon: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        quantization: str | None = None,
     ) -> ReferencePolicy:
         """Load model, processor, generation config, FAST tokenizer and norm stats.
 
@@ -135,10 +167,24 @@ class ReferencePolicy:
             time_horizon: T when the FAST config leaves it null (FAST+).
             dtype: model dtype (NORA uses bf16 on GPU; fp32 is the parity reference on CPU).
             device: torch device.
+            quantization: None, or what users do today: "bnb-int8" (LLM.int8, outlier threshold 6) or
+                "bnb-nf4" (4-bit NF4, compute in ``dtype``), every Linear but ``lm_head`` through bitsandbytes.
+
+        Raises:
+            InputError: unknown ``quantization``.
+            ExportError: bitsandbytes (or accelerate) is not installed for a ``quantization``.
         """
         checkpoint = NoraCheckpoint.load(ckpt, fast_dir, time_horizon=time_horizon)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint.path), dtype=dtype)
-        model.to(device)
+        if quantization is None:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint.path), dtype=dtype)
+            model.to(device)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                str(checkpoint.path),
+                dtype=dtype,
+                quantization_config=bnb_config(quantization, dtype),
+                device_map=device,
+            )
         model.eval()
         model.generation_config = GenerationConfig.from_pretrained(str(checkpoint.path))
         fast = FastTokenizer.from_pretrained(checkpoint.fast.path)

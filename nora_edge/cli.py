@@ -170,6 +170,12 @@ def bench(
     reference: Annotated[
         Path | None, typer.Option(help="checkpoint: run the PyTorch reference side by side")
     ] = None,
+    reference_quant: Annotated[
+        str | None,
+        typer.Option(
+            help="load the reference through bitsandbytes: bnb-int8 or bnb-nf4 (needs nora-edge[bnb])"
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="timed inferences")] = 50,
     warmup: Annotated[int, typer.Option(help="untimed inferences first")] = 5,
     hz: Annotated[float, typer.Option(help="control rate for the deadline-miss rate")] = 25.0,
@@ -195,6 +201,7 @@ def bench(
         result = run_bench(
             bundle,
             reference=reference,
+            reference_quant=reference_quant,
             steps=steps,
             warmup=warmup,
             hz=hz,

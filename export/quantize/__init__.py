@@ -6,9 +6,15 @@ embedding table goes through :func:`quantize_embedding_table`. Calibration feeds
 ``nora_edge.export.quantize.calibration``.
 
 Modules: ``recipes`` (dataclasses + registry), ``graph`` (load/save, Gemm->MatMul, MatMulNBits guard),
-``fp16`` (FP32 islands), ``int8`` (dynamic, QDQ), ``weight_only`` (MatMulNBits), ``embeddings``,
-``apply`` (one graph), ``calibration`` (samples -> feeds), ``bundle_quant`` (fp32 bundle -> quantized bundle
-with its fidelity report: the entry point for ``export_bundle(precision=...)``).
+``stream`` (int8 dynamic and n-bit RTN, one weight in memory at a time: every built-in CPU recipe),
+``fp16`` (FP32 islands), ``int8`` (dynamic with Conv/Gather, QDQ), ``weight_only`` (MatMulNBits via
+onnxruntime's quantizer: hqq), ``embeddings``, ``apply`` (one graph: picks streaming or in-memory),
+``calibration`` (samples -> feeds), ``bundle_quant`` (fp32 bundle -> quantized bundle with its fidelity
+report: the entry point for ``export_bundle(precision=...)``).
+
+Memory: the streaming recipes hold one weight at a time; fp16, int8-qdq and hqq load the whole graph into
+onnxruntime's quantizers (that path ran out of memory for real-shape int8 on a 24 GB machine; fp16, int8-qdq
+and hqq at real shape are unmeasured and need a bigger workstation).
 """
 
 from .apply import QuantResult, apply_recipe, check_parity

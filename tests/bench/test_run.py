@@ -111,3 +111,16 @@ def test_reference_runs_interleaved_and_speedups_follow_the_samples(tiny_bundle_
 def test_bad_options_are_refused(kwargs, match, tmp_path):
     with pytest.raises(InputError, match=match):
         run_bench(tmp_path / "no-bundle", out=tmp_path, progress=False, **kwargs)
+
+
+def test_bench_labels_the_bnb_reference(tiny_bundle_h5, tiny_ckpt_h5, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    res = run_bench(
+        tiny_bundle_h5, reference=tiny_ckpt_h5, reference_quant="bnb-nf4", steps=1, warmup=0, out=tmp_path,
+        threads=1, roofline=False, plots=False, progress=False,
+    )  # fmt: skip
+    assert res["config"]["reference_quant"] == "bnb-nf4" and res["reference"]["e2e"]["n"] == 1
+    assert "vs PyTorch reference (bnb-nf4, bitsandbytes)" in (tmp_path / "report.md").read_text()
+    with pytest.raises(InputError, match="needs reference="):
+        run_bench(tiny_bundle_h5, reference_quant="bnb-nf4", out=tmp_path, progress=False)
