@@ -119,6 +119,13 @@ def render(summary: dict) -> str:
             f"{_f(st.get('vision'), '.0f')} | {_f(st.get('prefill'), '.0f')} | {_f(st.get('decode_step'), '.1f')} | "
             f"{_f(b.get('tokens_per_chunk'))} | {_f(b.get('actions_per_s'))} | {_f(b.get('peak_rss_gb'))} |"
         )
+    threads = sorted(
+        {str((r["bench"] or {}).get("threads") or "ORT default") for r in summary["bundles"] if r["bench"]}
+    )
+    lines += [
+        "",
+        f"Bench threads: {', '.join(threads) or 'n/a'}. Build = export (fp32) or quantize, `/usr/bin/time -v`.",
+    ]
     lines += ["", "Host roofline prediction error per stage (predicted / measured median - 1):", ""]
     lines += ["| bundle | vision | prefill | decode_step |", "|---|---|---|---|"]
     for r in summary["bundles"]:
