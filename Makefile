@@ -63,7 +63,7 @@ export-real: fixture-real
 	test -f $(OUT)/bundle-real-fp32/manifest.json || /usr/bin/time -v $(VENV)/bin/nora-edge export $(REAL) --out $(OUT)/bundle-real-fp32 --precision fp32 2> $(OUT)/export-real.time
 	-grep -E "Maximum resident|Elapsed" $(OUT)/export-real.time
 
-# quantization streams one weight at a time (int8 and int4 ~4 min each, peak 14-18 GB, on a 2-core 24 GB machine).
+# quantization streams one weight at a time (int8 and int4 ~4 min each, peak RSS 13.7 GiB, on a 2-core 24 GB machine).
 # BENCH_THREADS=1 gives steady timings on a shared 2-vCPU VM (2 threads: medians up to 3x the fastest run)
 bench-real: export-real
 	for p in int8 int4; do test -f $(OUT)/bundle-real-$$p/manifest.json || /usr/bin/time -v $(VENV)/bin/nora-edge quantize $(OUT)/bundle-real-fp32 --out $(OUT)/bundle-real-$$p --recipe $$p 2> $(OUT)/quant-real-$$p.time || exit 1; done
