@@ -125,6 +125,13 @@ def bnb_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def _bnb_unpackable(m) -> bool:
+    """A bitsandbytes Linear4bit that its packed CPU kernel cannot take (it fails on it instead of falling back):
+    out_features not a multiple of 32, or in_features not whole quantization blocks."""
+    block = getattr(getattr(m.weight, "quant_state", None), "blocksize", 64)
+    return m.out_features % 32 != 0 or m.in_features % block != 0
+
+
 class ReferencePolicy:
     """NORA's inference on the HF PyTorch model, with malformed decodes made visible.
 
@@ -185,6 +192,10 @@ class ReferencePolicy:
                 quantization_config=bnb_config(quantization, dtype),
                 device_map=device,
             )
+            # bitsandbytes 0.50's packed CPU NF4 kernel fails on some widths (NORA's ViT MLP is 3420 wide)
+            for m in model.modules():
+                if type(m).__name__ == "Linear4bit" and _bnb_unpackable(m):
+                    m.support_avx512bf16_for_cpu = False  # its generic NF4 path computes the same layer
         model.eval()
         model.generation_config = GenerationConfig.from_pretrained(str(checkpoint.path))
         fast = FastTokenizer.from_pretrained(checkpoint.fast.path)
