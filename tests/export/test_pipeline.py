@@ -160,3 +160,22 @@ def test_quantized_export_end_to_end(tiny_ckpt: Path, tmp_path: Path):
         np.zeros((224, 224, 3), np.uint8) + 100, "pick up the block"
     )
     assert actions.shape == (1, 7) and np.isfinite(actions).all()
+
+
+def test_external_data_export_validates(tiny_ckpt: Path, tmp_path: Path, monkeypatch):
+    """The path a 3B decoder takes (weights in <graph>.data, written by one thread), forced on the tiny model and
+    checked by the export's own validation against PyTorch."""
+    from nora_edge.export import onnx_io
+    from nora_edge.export.pipeline import export_bundle
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)
+    b = Bundle.load(
+        export_bundle(tiny_ckpt, tmp_path / "b", validation_prompts=1, validation_tokens=4, progress=False)
+    )
+    for name in ("vision", "decoder"):
+        spec = b.components[name]
+        assert spec.data_files == (f"{spec.file}.data",) and b.file(spec.data_files[0]).stat().st_size > 0
+    v = b.manifest["validation"]
+    assert all(
+        v[k]["passed"] for k in ("vision", "decoder_prefill", "decoder_decode", "greedy", "prompt_ids")
+    )
