@@ -124,7 +124,7 @@ def render(summary: dict) -> str:
     )
     lines += [
         "",
-        f"Bench threads: {', '.join(threads) or 'n/a'}. Build = export (fp32) or quantize, `/usr/bin/time -v`.",
+        f"Bench threads: {', '.join(threads) or 'n/a'}. Build = export (fp32) or quantize, `/usr/bin/time -v`; its peak RSS counts mapped file pages too.",
     ]
     lines += ["", "Host roofline prediction error per stage (predicted / measured median - 1):", ""]
     lines += ["| bundle | vision | prefill | decode_step |", "|---|---|---|---|"]
