@@ -144,7 +144,9 @@ class DataWriter:
     def copy(self, t: TensorProto, source: WeightSource) -> TensorProto:
         """Carry an existing initializer over unchanged (external bytes streamed in chunks)."""
         if not external_data_helper.uses_external_data(t):
-            return t
+            out = TensorProto()
+            out.CopyFrom(t)  # small inline tensor: a copy, independent of the proto being rebuilt
+            return out
         out = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
         self._start(out, _nbytes(t))
         for block in source.chunks(t):
@@ -283,10 +285,7 @@ def stream_quantize(
     targets = _targets(model, plan)
     taken = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
     taken |= {i.name for i in graph.input} | {n.name for n in graph.node}
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = _uses(graph)
     inits = {t.name: t for t in graph.initializer}
     data_name = f"{dst.name}.data"
     nodes, new_inits, act_q = [], [], {}
@@ -332,6 +331,22 @@ def stream_quantize(
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     check_nbits_accuracy(model, source=dst.name)
     return list(targets), _finish(model, dst, data_name, size, external)
+
+
+def _uses(graph: onnx.GraphProto) -> dict[str, int]:
+    """Readers of every tensor name: node inputs (subgraphs included) and graph outputs; a weight still read
+    after its MatMul is replaced is kept."""
+    uses: dict[str, int] = {}
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                for name, k in _uses(sub).items():
+                    uses[name] = uses.get(name, 0) + k
+    return uses
 
 
 def _is_replaced(name: str, targets: Mapping[str, onnx.NodeProto]) -> bool:

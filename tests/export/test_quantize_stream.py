@@ -195,3 +195,33 @@ def test_bad_external_data_is_an_export_error(tmp_path, rng):
     with pytest.raises(ExportError, match="outside the model folder"):
         stream_quantize(model, WeightSource(src), tmp_path / "q.onnx", plan)
     assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.onnx.data").exists()
+
+
+def test_weight_still_read_elsewhere_is_kept(tmp_path, rng):
+    w = (rng.standard_normal((32, 48)) / np.sqrt(32)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"], name="planned"),
+            helper.make_node("MatMul", ["x", "w"], ["b"], name="unplanned"),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 48]) for n in ("a", "b")],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    src = tmp_path / "src" / "m.onnx"
+    save_model_atomic(model, src, external=True)
+    light = onnx.load(str(src), load_external_data=False)
+    names, _ = stream_quantize(
+        light, WeightSource(src), tmp_path / "q.onnx", {"planned": WeightOnlyRecipe(block_size=32)}
+    )
+    assert names == ["planned"]
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    a, b = sess.run(None, {"x": x})
+    np.testing.assert_allclose(
+        b, x @ w, rtol=1e-5, atol=1e-5
+    )  # the fp32 weight is still there for "unplanned"
+    assert np.abs(a - x @ w).max() > 0  # while "planned" reads the int4 copy
