@@ -60,40 +60,37 @@ class HostMeasurement:
         return asdict(self)
 
 
+def linear_session(shape: tuple[int, int, int], precision: str, threads: int | None) -> tuple:
+    """(ORT session, feeds) of one (M, K) @ (K, N) linear in ``precision``, fed ones."""
+    m, k, n = shape
+    dtype = np.float16 if precision == "fp16" else np.float32
+    g = GraphBuilder(dtype)
+    x = g.add_input("x", [m, k])
+    g.add_output(g.linear(x, k, n, precision))
+    return g.session(threads), {"x": np.ones((m, k), dtype)}
+
+
 def gemm_gflops(precision: str, threads: int | None, reps: int) -> tuple[float, float]:
     """(GFLOP/s of the best run, median seconds) of one GEMM_SHAPE linear in ``precision``.
 
     Peaks come from the best run: on a shared machine the median mixes in other people's load.
     """
     m, k, n = GEMM_SHAPE
-    dtype = np.float16 if precision == "fp16" else np.float32
-    g = GraphBuilder(dtype)
-    x = g.add_input("x", [m, k])
-    g.add_output(g.linear(x, k, n, precision))
-    sess = g.session(threads)
-    feeds = {"x": np.ones((m, k), dtype)}
-    times = time_session(sess, feeds, reps)
+    times = time_session(*linear_session(GEMM_SHAPE, precision, threads), reps)
     return 2.0 * m * k * n / min(times) / 1e9, statistics.median(times)
 
 
 def qgemv_gflops(precision: str, threads: int | None, reps: int) -> float:
     """GFLOP/s of the best run of one QGEMV_SHAPES batch-1 linear in ``precision`` (int8 or int4)."""
     m, k, n = QGEMV_SHAPES[precision]
-    g = GraphBuilder(np.float32)
-    x = g.add_input("x", [m, k])
-    g.add_output(g.linear(x, k, n, precision))
-    times = time_session(g.session(threads), {"x": np.ones((m, k), np.float32)}, reps)
+    times = time_session(*linear_session(QGEMV_SHAPES[precision], precision, threads), reps)
     return 2.0 * m * k * n / min(times) / 1e9
 
 
 def gemv_gbs(threads: int | None, reps: int) -> tuple[float, float]:
     """(weight GB/s of the best run, median seconds) of an fp32 GEMV over a 64 MB weight."""
-    m, k, n = GEMV_SHAPE
-    g = GraphBuilder(np.float32)
-    x = g.add_input("x", [m, k])
-    g.add_output(g.linear(x, k, n, "fp32"))
-    sess = g.session(threads)
-    times = time_session(sess, {"x": np.ones((m, k), np.float32)}, reps)
+    _, k, n = GEMV_SHAPE
+    times = time_session(*linear_session(GEMV_SHAPE, "fp32", threads), reps)
     return k * n * 4 / min(times) / 1e9, statistics.median(times)
 
 
@@ -182,12 +179,7 @@ class Yardstick:
     GEMV = (1, 2048, 4096)
 
     def __init__(self, threads: int | None = None) -> None:
-        self._runs = []
-        for m, k, n in (self.GEMM, self.GEMV):
-            g = GraphBuilder(np.float32)
-            x = g.add_input("x", [m, k])
-            g.add_output(g.linear(x, k, n, "fp32"))
-            self._runs.append((g.session(threads), {"x": np.ones((m, k), np.float32)}))
+        self._runs = [linear_session(shape, "fp32", threads) for shape in (self.GEMM, self.GEMV)]
         self.samples_ms: list[float] = []
         for sess, feeds in self._runs:  # warm up
             sess.run(None, feeds)

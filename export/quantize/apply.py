@@ -31,6 +31,7 @@ from nora_edge.errors import ExportError, InputError
 
 from . import fp16 as fp16_mod
 from .graph import (
+    INLINE_LIMIT,
     find_head_nodes,
     load_gemm_weights,
     load_model,
@@ -275,7 +276,7 @@ def _run_pass(r: GraphRecipe, src: Path, dst: Path, feeds, *, include, exclude, 
         by_name = {k.name for k in kept}
         kept += [fp16_mod.KeptNode(n, "", "requested", "", 0.0) for n in extra if n not in by_name]
         return kept
-    external = model_size(src) > (2**31 - (64 << 20))
+    external = model_size(src) > INLINE_LIMIT
     if isinstance(r, Int8DynamicRecipe):
         quantize_int8_dynamic(
             src, dst, r, nodes_to_quantize=include, nodes_to_exclude=exclude or (), external=external
@@ -322,13 +323,13 @@ def _check_loads(path: Path) -> None:
 
 
 def _run_all(path: Path, feeds: Sequence[Feed], names: Sequence[str] | None = None):
-    """(input names, output names, outputs per feed) of one CPU session, closed before returning."""
+    """(output names, outputs per feed) of one CPU session, closed before returning."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     in_names = [i.name for i in sess.get_inputs()]
     names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
     outs = [sess.run(names, {n: f[n] for n in in_names}) for f in feeds]
     del sess
-    return in_names, names, outs
+    return names, outs
 
 
 def check_parity(ref_path: Path, test_path: Path, feeds: Sequence[Feed]) -> dict:
@@ -340,8 +341,8 @@ def check_parity(ref_path: Path, test_path: Path, feeds: Sequence[Feed]) -> dict
     Raises:
         ExportError: the test graph gives inf/NaN where the reference is finite.
     """
-    _, names, want = _run_all(ref_path, feeds)  # one session alive at a time: a 3B graph is ~12 GB
-    _, _, got = _run_all(test_path, feeds, names)
+    names, want = _run_all(ref_path, feeds)  # one session alive at a time: a 3B graph is ~12 GB
+    _, got = _run_all(test_path, feeds, names)
     acc: dict[str, dict] = {
         n: {"max_abs_err": 0.0, "ref_max_abs": 0.0, "dot": 0.0, "rr": 0.0, "tt": 0.0} for n in names
     }

@@ -22,6 +22,9 @@ from onnx import external_data_helper, numpy_helper
 from nora_edge.errors import ExportError
 
 TWO_GB = 2**31 - 1
+INLINE_LIMIT = TWO_GB - (
+    64 << 20
+)  # weight bytes above which a graph is saved with external data (room for the graph)
 EXTERNAL_SUFFIX = ".data"
 
 
@@ -85,7 +88,7 @@ def save_model_atomic(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
-        external = tensor_bytes(model) > TWO_GB - (64 << 20)  # headroom for the graph itself
+        external = tensor_bytes(model) > INLINE_LIMIT
     data_name = out.name + EXTERNAL_SUFFIX
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()

@@ -33,7 +33,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from nora_edge.atomic import atomic_path, write_bytes_atomic
 from nora_edge.errors import ExportError
 
-from .graph import TWO_GB, check_nbits_accuracy, fresh_name
+from .graph import INLINE_LIMIT, check_nbits_accuracy, fresh_name, save_model_atomic
 from .progress import progress_iter
 from .recipes import Fp32Recipe, Int8DynamicRecipe, WeightOnlyRecipe
 
@@ -168,9 +168,7 @@ def int8_weight(w: np.ndarray, recipe: Int8DynamicRecipe) -> tuple[np.ndarray, n
     qmax = 64 if recipe.reduce_range else 127  # symmetric range [-qmax, qmax]
     absmax = np.abs(w).max(axis=0) if recipe.per_channel else np.abs(w).max()  # (N,) or ()
     scale = (absmax.astype(np.float64) * 2 / (2 * qmax)).astype(np.float32)
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(
-        np.float32
-    )  # all-zero column
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)  # all-zero column: scale 1
     q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)  # (K, N)
     return q, scale
 
@@ -313,9 +311,7 @@ def stream_quantize(
             nodes.extend(rw.nodes)
             new_inits.extend(writer.add(name, arr) for name, arr in rw.arrays.items())
             uses[w_name] -= 1
-        dropped = {
-            name for name, t in inits.items() if uses.get(name, 0) == 0 and _is_replaced(name, targets)
-        }
+        dropped = {n.input[1] for n in targets.values() if uses.get(n.input[1], 0) == 0}
         kept = [writer.copy(t, source) for t in graph.initializer if t.name not in dropped]
         size = f.tell()
     graph.ClearField("node")
@@ -349,19 +345,12 @@ def _uses(graph: onnx.GraphProto) -> dict[str, int]:
     return uses
 
 
-def _is_replaced(name: str, targets: Mapping[str, onnx.NodeProto]) -> bool:
-    return any(n.input[1] == name for n in targets.values())
-
-
 def _finish(model: onnx.ModelProto, dst: Path, data_name: str, size: int, external: bool | None) -> list[str]:
     """Write the proto last; inline (and the data file removed) when the weights fit under 2 GB."""
-    data = dst.parent / data_name
     if external is None:
-        external = size > TWO_GB - (64 << 20)  # headroom for the graph itself
+        external = size > INLINE_LIMIT
     if external:
         write_bytes_atomic(dst, model.SerializeToString())
         return [data_name]
     external_data_helper.load_external_data_for_model(model, str(dst.parent))
-    write_bytes_atomic(dst, model.SerializeToString())
-    data.unlink()
-    return []
+    return save_model_atomic(model, dst, external=False)  # inline; it removes the data file read back here
