@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the destination's folder, flushed, then ``os.replace``.
+"""Atomic file writes: a temp file in the destination's folder, flushed, then ``os.replace``; and the one
+JSON-object reader (:func:`read_json_object`) the checkpoint, bundle and FAST loaders share.
 
 Every file nora-edge writes (bundle pieces, codec tables, reports, plots) goes through here, so a reader
 never sees half a file. Temp files get the usual 0666 & ~umask mode (mkstemp's 0600 would surprise a user).
@@ -54,3 +55,18 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike[str], data: object, *, indent: int = 2) -> Path:
     """Write ``data`` as JSON (with a trailing newline) to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def read_json_object(path: str | os.PathLike[str], error: type[Exception]) -> dict:
+    """Read a JSON object from ``path``; a missing, unreadable or non-JSON file, or a non-object, raises
+    ``error`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -21,12 +21,12 @@ Layout (names are the constants below)::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from nora_edge.actions.normalize import NormStats
+from nora_edge.atomic import read_json_object
 from nora_edge.bundle_specs import (
     MANIFEST,
     ActionSpec,
@@ -193,12 +193,7 @@ class Bundle:
             raise BundleError(f"bundle directory not found: {root}")
         if not mpath.is_file():
             raise BundleError(f"{mpath}: missing (incomplete export? the manifest is written last)")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath}: not valid JSON ({e})") from e
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{mpath}: expected a JSON object")
+        manifest = read_json_object(mpath, BundleError)
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BundleError(f"{mpath}: schema_version {version!r}; this nora-edge reads {SCHEMA_VERSION}")

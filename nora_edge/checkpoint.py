@@ -8,13 +8,13 @@ Every missing or inconsistent piece raises :class:`CheckpointError` naming the f
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nora_edge import names
 from nora_edge.actions.normalize import NormStats
+from nora_edge.atomic import read_json_object
 from nora_edge.errors import CheckpointError, InputError
 
 _ACTION_RE = re.compile(r"^<robot_action_(\d+)>$")
@@ -29,16 +29,8 @@ REQUIRED_FILES = (
 
 
 def read_json(path: Path) -> dict:
-    """Read a JSON object, raising CheckpointError that names the file."""
-    if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """Read a checkpoint JSON object; every fault is a CheckpointError naming the file."""
+    return read_json_object(path, CheckpointError)
 
 
 def _field(data: dict, key: str, source: Path | str, kind: type | tuple = int):

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from nora_edge.actions.bytetable import ByteTable, id_list
 from nora_edge.actions.dct import dct_ortho
 from nora_edge.actions.result import DecodeResult, decode_batch
-from nora_edge.atomic import write_text_atomic
+from nora_edge.atomic import read_json_object, write_text_atomic
 from nora_edge.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,7 @@ class FastTokenizer:
         for path in (cfg_path, tok_path):
             if not path.is_file():
                 raise CheckpointError(f"FAST tokenizer file missing: {path}")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from exc
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path}: expected a JSON object")
+        cfg = read_json_object(cfg_path, CheckpointError)
         fields = read_processor_fields(cfg, cfg_path)
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
