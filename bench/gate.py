@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nora_edge.atomic import read_json_object
 from nora_edge.errors import InputError
 
 GATED_STAGES = ("vision", "prefill", "decode_step")
@@ -179,7 +180,7 @@ def check(
         path = Path(report)
         if not path.is_file():
             raise InputError(f"bench report not found: {path}")
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_json_object(path, InputError)
     if update_baseline:
         write_baseline(Path(against), report)
     return compare(report, load_baseline(Path(against)), max_regression)

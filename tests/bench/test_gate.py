@@ -109,3 +109,12 @@ def test_malformed_baseline_is_refused(tmp_path):
     bad.write_text('{"schema": 7}')
     with pytest.raises(InputError, match="field 'schema' must be 1"):
         gate.load_baseline(bad)
+
+
+def test_unreadable_report_is_an_input_error(tmp_path):
+    bad = tmp_path / "report.json"
+    bad.write_text("{ not json")
+    with pytest.raises(InputError, match=r"report.json: not valid JSON"):
+        gate.check(bad, tmp_path / "b.json")
+    with pytest.raises(InputError, match="bench report not found"):
+        gate.check(tmp_path / "absent.json", tmp_path / "b.json")
