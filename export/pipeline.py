@@ -7,7 +7,7 @@ Data flow (each step a progress-bar stage):
   while copied) --> recipes step (quantization hook; fp32 = as exported) --> validation in onnxruntime
   (torch model gone) --> codec files + tokenizer --> manifest.json LAST --> atomic rename to ``out``.
 
-Everything is written into ``<out>.tmp-<random>`` by :class:`nora_edge.bundle.BundleWriter`; an exception
+Everything is written into ``<out>.tmp-<random>`` by :class:`nora_edge.export.bundle_writer.BundleWriter`; an exception
 (or a kill) anywhere leaves nothing at ``out`` that loads.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nora_edge import bundle
-from nora_edge.bundle import BundleWriter
+from nora_edge.export.bundle_writer import BundleWriter
 from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import ExportError
 

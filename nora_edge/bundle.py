@@ -1,8 +1,8 @@
 """The bundle: the only contract between the export stage and the runtime (numpy + json only).
 
 Data flow (write, export side): files written into a staging dir ``<out>.tmp-<random>`` ->
-:meth:`BundleWriter.commit` hashes every file (sha256 + size) -> ``manifest.json`` written LAST and fsynced
--> staging dir renamed to ``<out>``. A crash at any point leaves no directory at ``<out>`` that loads.
+:meth:`nora_edge.export.bundle_writer.BundleWriter.commit` (the export stage) hashes every file (sha256 +
+size) -> ``manifest.json`` written LAST and fsynced -> staging dir renamed to ``<out>``. A crash at any point leaves no directory at ``<out>`` that loads.
 
 Data flow (read, runtime side): ``<out>/manifest.json`` -> schema/version check -> sha256 + size of every
 listed file, no unlisted files -> :class:`Bundle` with typed sections (prompt, image, actions, generation,
@@ -328,9 +328,6 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
-# The writer lives in its own module; re-exported here so ``from nora_edge.bundle import write_bundle`` works.
-from nora_edge.bundle_writer import BundleWriter, check_target, replace_dir, write_bundle  # noqa: E402
-
 __all__ = [
     "MANIFEST",
     "ActionSpec",
@@ -340,12 +337,8 @@ __all__ = [
     "PromptSpec",
     "compress_ranges",
     "expand_ranges",
-    "BundleWriter",
     "ComponentSpec",
     "TensorSpec",
-    "check_target",
     "format_info",
-    "replace_dir",
     "verify_files",
-    "write_bundle",
 ]

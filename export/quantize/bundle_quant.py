@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from nora_edge import bundle as B
-from nora_edge.bundle import Bundle, BundleWriter, ComponentSpec
+from nora_edge.bundle import Bundle, ComponentSpec
+from nora_edge.export.bundle_writer import BundleWriter
 from nora_edge.errors import ExportError
 
 from .apply import apply_recipe

@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nora_edge import bundle
-from nora_edge.bundle import Bundle, BundleWriter, compress_ranges, expand_ranges, format_info, write_bundle
+from nora_edge.bundle import Bundle, compress_ranges, expand_ranges, format_info
+from nora_edge.export.bundle_writer import BundleWriter, write_bundle
 from nora_edge.errors import BundleError
 
 
@@ -177,3 +178,22 @@ def test_ranges_roundtrip(ids):
     runs = compress_ranges(ids)
     np.testing.assert_array_equal(expand_ranges(runs, "x"), np.asarray(ids, dtype=np.int64))
     assert all(a < b for a, b in runs)
+
+
+def test_writer_imports_first_and_runtime_does_not_import_it():
+    """The writer is export-stage code: importing it first works, and the runtime's bundle module does not
+    pull it in (nora_edge.bundle and the writer used to import each other)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import nora_edge.export.bundle_writer as w\n"
+        "assert w.BundleWriter and w.write_bundle\n"
+        "for m in [k for k in sys.modules if k.startswith('nora_edge')]: del sys.modules[m]\n"
+        "import nora_edge.bundle\n"
+        "leaked = sorted(k for k in sys.modules if k.startswith('nora_edge.export'))\n"
+        "assert not leaked, leaked\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
