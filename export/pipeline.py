@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nora_edge import bundle
-from nora_edge.export.bundle_writer import BundleWriter
 from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import ExportError
+from nora_edge.export.bundle_writer import BundleWriter
 
 STAGES = ("load", "reference", "embeddings", "vision", "decoder", "recipes", "validate", "codec", "manifest")
 FIDELITY_REPORT = "fidelity_report.json"

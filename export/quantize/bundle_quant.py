@@ -20,8 +20,8 @@ import numpy as np
 
 from nora_edge import bundle as B
 from nora_edge.bundle import Bundle, ComponentSpec
-from nora_edge.export.bundle_writer import BundleWriter
 from nora_edge.errors import ExportError
+from nora_edge.export.bundle_writer import BundleWriter
 
 from .apply import apply_recipe
 from .calibration import CalibrationSample, record_feeds, synthetic_samples

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from nora_edge import bundle
 from nora_edge.bundle import Bundle, compress_ranges, expand_ranges, format_info
-from nora_edge.export.bundle_writer import BundleWriter, write_bundle
 from nora_edge.errors import BundleError
+from nora_edge.export.bundle_writer import BundleWriter, write_bundle
 
 
 @pytest.fixture
