@@ -28,6 +28,28 @@ class DetokenizationError(NoraEdgeError):
     """A token sequence does not decode into exactly (T, D) FAST coefficients."""
 
 
+class ForcedTokenError(DetokenizationError):
+    """A decodable chunk was refused because the model did not choose all of its tokens.
+
+    Constrained decoding emitted tokens the model's own top choice disagreed with ("forced_continue": the model
+    chose to end early; "repaired": its choice would have broken the chunk) beyond what the policy accepts.
+
+    Attributes:
+        ids: (N,) generated Qwen ids.
+        token_classes: one class per id ("model", "repaired", "forced_continue").
+        step: index of the first token that broke the policy's rule.
+        output: the refused chunk (a ``nora_edge.policy.ChunkOutput``), for logs; never send it to a robot
+            without deciding to.
+    """
+
+    def __init__(self, message: str, *, ids, token_classes, step: int, output) -> None:
+        super().__init__(message)
+        self.ids = ids
+        self.token_classes = tuple(token_classes)
+        self.step = int(step)
+        self.output = output
+
+
 class ProfileError(NoraEdgeError):
     """A device profile file is missing a field, a source, or holds an impossible number."""
 

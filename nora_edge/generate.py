@@ -11,6 +11,14 @@ Two selection modes:
   constrained   argmax over the action rows allowed by :class:`~nora_edge.actions.FastAutomaton`; stops the
                 moment the chunk holds exactly T*D coefficients, so every output decodes.
   unconstrained HF greedy parity: argmax over all head rows, stop on an eos id or after max_new_tokens.
+Forced-token accounting (constrained mode): every step also takes the model's own top choice over all head
+rows (same penalised scores) and classifies the token it emitted (:data:`TOKEN_CLASSES`):
+  model            the model's top choice was allowed and taken;
+  repaired         the top choice was forbidden (an action id that would break the chunk, or with a full head a
+                   non-action id); the best allowed action id was taken instead;
+  forced_continue  the top choice was an end id although the chunk was not complete.
+The step after completion is never run, so whether the model would have ended there is not checked.
+Unconstrained tokens are all "model".
 Both apply the checkpoint's repetition penalty exactly as transformers' ``RepetitionPenaltyLogitsProcessor``
 does: every id already in the sequence (prompt included) has its logit divided by the penalty if positive,
 multiplied if negative (float32). Ties go to the smallest Qwen id (torch.argmax's first index over the vocab).
@@ -207,6 +215,13 @@ def argmax_lowest_id(scores: np.ndarray, head_rows: np.ndarray) -> int:
     return int(cand[np.argmin(head_rows[cand])]) if cand.size > 1 else int(cand[0])
 
 
+TOKEN_MODEL, TOKEN_REPAIRED, TOKEN_FORCED = "model", "repaired", "forced_continue"
+TOKEN_CLASSES = (TOKEN_MODEL, TOKEN_REPAIRED, TOKEN_FORCED)
+# transformers' default max_length (configuration_utils.py, ``_get_default_generation_params``): with no length
+# field in generation_config.json, generate() makes this many NEW tokens (utils.py, ``_prepare_generated_length``).
+HF_DEFAULT_NEW_TOKENS = 20
+
+
 @dataclass
 class GenerationResult:
     """Output of :func:`greedy`.
@@ -215,26 +230,36 @@ class GenerationResult:
         ids: (N,) int64 generated Qwen ids (the final eos included in unconstrained mode, as HF returns it).
         stopped: "complete" (constrained), "eos" or "max_new_tokens".
         step_seconds: wall time of every decoder step after the prefill.
+        classes: (N,) one of :data:`TOKEN_CLASSES` per id (module docstring).
+        top_ids: (N,) int64 the model's own top choice at each step (equal to ``ids`` where "model").
     """
 
     ids: np.ndarray
     stopped: str
     step_seconds: list[float] = field(default_factory=list)
+    classes: tuple[str, ...] = ()
+    top_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def class_counts(classes: tuple[str, ...]) -> dict[str, int]:
+    """Count of each of :data:`TOKEN_CLASSES` (every key present)."""
+    return {c: sum(1 for x in classes if x == c) for c in TOKEN_CLASSES}
 
 
 def new_token_limit(config: GreedyConfig, prompt_len: int) -> int:
-    """HF's length rule: ``max_new_tokens`` if set, else ``max_length - prompt_len``.
+    """HF's length rule: ``max_new_tokens`` if set, else ``max_length - prompt_len`` if set, else HF's default
+    of :data:`HF_DEFAULT_NEW_TOKENS` new tokens (what ``generate`` does with Qwen2.5-VL-3B-Instruct's
+    generation_config.json, which has no length field).
 
     Raises:
-        BundleError: neither is set (HF would fall back to its own default of 20 total tokens; the runtime
-            refuses to guess), or the limit leaves no room for a token.
+        BundleError: the limit leaves no room for a token.
     """
     if config.max_new_tokens is not None:
         limit = int(config.max_new_tokens)
     elif config.max_length is not None:
         limit = int(config.max_length) - prompt_len
     else:
-        raise BundleError("manifest.json: generation has neither max_new_tokens nor max_length")
+        limit = HF_DEFAULT_NEW_TOKENS
     if limit < 1:
         raise BundleError(
             f"manifest.json: generation length limit leaves {limit} new tokens for a {prompt_len}-token prompt"
@@ -296,12 +321,13 @@ def greedy(
         state = auto.start()
         limit = 4 * auto.total + 1  # every id holds >= 1 byte, every coefficient char <= 3 bytes
     else:
-        eos = set(config.eos_ids)
         limit = new_token_limit(config, int(prompt_ids.size))
-    logits, out, steps = first_logits, [], []
+    eos = set(config.eos_ids)
+    logits, out, steps, classes, tops = first_logits, [], [], [], []
     index = int(prompt_ids.size)
     while True:
         scores = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        top = argmax_lowest_id(scores, rows)  # the model's own choice over every head row
         if auto is not None:
             allowed = auto.allowed(state)  # (V,)
             if not allowed.any():
@@ -314,9 +340,14 @@ def greedy(
             state = auto.advance(state, fast_id)
             row = int(action_rows[fast_id])
         else:
-            row = argmax_lowest_id(scores, rows)
+            row = top
         token = int(rows[row])
         out.append(token)
+        tops.append(int(rows[top]))
+        if row == top:
+            classes.append(TOKEN_MODEL)
+        else:
+            classes.append(TOKEN_FORCED if int(rows[top]) in eos else TOKEN_REPAIRED)
         seen[row] = True
         if auto is not None and auto.is_complete(state):
             stopped = "complete"
@@ -333,4 +364,6 @@ def greedy(
         logits, cache = decode_step(decoder, token, index, rope_delta, cache)
         steps.append(time.perf_counter() - t0)
         index += 1
-    return GenerationResult(np.asarray(out, dtype=np.int64), stopped, steps)
+    return GenerationResult(
+        np.asarray(out, dtype=np.int64), stopped, steps, tuple(classes), np.asarray(tops, dtype=np.int64)
+    )

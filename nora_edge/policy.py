@@ -9,16 +9,21 @@ Data flow per chunk:
   --action ids - base--> FAST ids --byte-table decode (strict)--> normalized (T, D) --q01/q99--> actions (T, D).
 
 Failure policy: every problem raises (InputError for caller input, BundleError for the bundle,
-DetokenizationError for an undecodable output); a robot never gets a made-up action. After an error the
-policy is still usable. ``last_timings`` holds the stage times of the last successful chunk.
+DetokenizationError for an undecodable output, ForcedTokenError for a chunk holding tokens the model did not
+choose, see ``nora_edge.chunk``); a robot never gets a made-up action. After an error the policy is still
+usable. ``last_timings`` holds the stage times of the last successful chunk.
+
+Threads: one lock covers a whole chunk and the action queue, so several threads may share a policy (calls are
+served one at a time). ``close()`` (or ``with``) releases the graph sessions.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,7 @@ from nora_edge import bundle as B
 from nora_edge.actions.automaton import FastAutomaton
 from nora_edge.actions.bytetable import ByteTable
 from nora_edge.actions.normalize import NormStats
+from nora_edge.chunk import ChunkOutput, ForcedTokenRule, check_forced_tokens
 from nora_edge.errors import BundleError, DetokenizationError, InputError
 from nora_edge.generate import Decoder, GenerationResult, GreedyConfig, KVCache, greedy, prefill
 from nora_edge.preprocess import ImageSpec, preprocess_image, validate_image
@@ -35,26 +41,9 @@ from nora_edge.prompt import PromptBuilder
 from nora_edge.sessions import GraphSession, open_session
 from nora_edge.vision_index import compute_vision_index
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class ChunkOutput:
-    """Everything one inference produced (for parity studies and logs).
-
-    Attributes:
-        actions: (T, D) float64 unnormalized actions.
-        normalized: (T, D) float64 FAST-decoded actions in [-1, 1] space.
-        ids: (N,) int64 generated Qwen ids.
-        fast_ids: (K,) int64 FAST ids that were decoded.
-        stopped: why generation stopped ("complete", "eos", "max_new_tokens").
-        unnorm_key: the norm-stats key used.
-    """
-
-    actions: np.ndarray
-    normalized: np.ndarray
-    ids: np.ndarray
-    fast_ids: np.ndarray
-    stopped: str
-    unnorm_key: str
+__all__ = ["ChunkOutput", "NoraPolicy", "check_bundle_consistency"]
 
 
 def _vision_params(bundle: B.Bundle) -> dict:
@@ -98,9 +87,11 @@ class NoraPolicy:
     Attributes:
         bundle: the loaded :class:`~nora_edge.bundle.Bundle`.
         constrained: True = automaton-constrained decoding (always decodable); False = HF greedy parity.
+        forced_tokens: the :class:`~nora_edge.chunk.ForcedTokenRule` applied to every chunk.
         time_horizon, action_dim: T and D of a chunk.
-        last_timings: seconds per stage of the last successful chunk: preprocess, vision, prefill,
-            decode_steps (list), decode (sum), detokenize, total; plus new_tokens.
+        last_timings: SECONDS per stage of the last successful chunk: preprocess, vision, prefill,
+            decode_steps (list), decode (sum), detokenize, total; plus new_tokens, token_classes (count per
+            class) and providers (execution providers per graph).
         last_output: the last :class:`ChunkOutput`.
         last_ids: (N,) generated ids of the last generation, set even when its decode then failed.
     """
@@ -115,6 +106,7 @@ class NoraPolicy:
         automaton: FastAutomaton | None,
         image_spec: ImageSpec,
         constrained: bool,
+        forced_tokens: ForcedTokenRule | None = None,
     ) -> None:
         self.bundle = bundle
         self.vision = vision
@@ -124,16 +116,14 @@ class NoraPolicy:
         self.automaton = automaton
         self.image_spec = image_spec
         self.constrained = constrained
+        self.forced_tokens = forced_tokens or ForcedTokenRule()
+        self._lock = threading.RLock()
+        self._closed = False
         self.time_horizon = bundle.codec.time_horizon
         self.action_dim = bundle.codec.action_dim
         self._vision_params = _vision_params(bundle)
         self._vision_inputs = set(vision.input_names)
         gen = bundle.generation
-        if not constrained and gen.max_new_tokens is None and gen.max_length is None:
-            raise BundleError(
-                "manifest.json: generation has neither max_new_tokens nor max_length; unconstrained (HF parity) "
-                "decoding needs the checkpoint's length limit"
-            )
         self._greedy = GreedyConfig(
             automaton=automaton,
             action_base=bundle.actions.base,
@@ -158,6 +148,10 @@ class NoraPolicy:
         threads: int | None = None,
         constrained: bool = True,
         *,
+        forced_tokens: str = "raise",
+        max_repaired: int = 0,
+        spinning: bool = False,
+        shared_pool: bool = False,
         verify: bool = True,
         cache_dir: str | Path | None = None,
     ) -> NoraPolicy:
@@ -165,9 +159,17 @@ class NoraPolicy:
 
         Args:
             bundle: bundle directory (or an already loaded Bundle).
-            providers: "auto" (TensorRT -> CUDA -> CPU), a provider name or a list (see ``sessions``).
+            providers: "auto" (TensorRT for graphs built for it -> CUDA -> CPU), a provider name or a list
+                (see ``sessions``); ``last_timings["providers"]`` says what each graph runs on.
             threads: intra-op threads per session (None = onnxruntime's default).
-            constrained: automaton-constrained decoding (default) or HF-parity unconstrained decoding.
+            constrained: automaton-constrained decoding (default) or HF-parity unconstrained decoding, which
+                needs a head="full" bundle (an action head's argmax is not HF's).
+            forced_tokens: "raise" (default): a chunk with a forced_continue token or more than
+                ``max_repaired`` repaired tokens raises ForcedTokenError; "flag": returned with its token
+                classes (``ChunkOutput.flagged``).
+            max_repaired: repaired tokens a chunk may hold under "raise".
+            spinning: let idle pool threads spin (lower latency, burns a core between calls; default off).
+            shared_pool: run both graphs on onnxruntime's process-wide thread pool (its spinning stays on).
             verify: check every bundle file's sha256 (False: sizes only).
             cache_dir: TensorRT engine cache folder.
 
@@ -178,13 +180,19 @@ class NoraPolicy:
             BundleError: missing/tampered/incompatible bundle or graphs that disagree with the manifest.
             InputError: bad providers/threads.
         """
+        rule = ForcedTokenRule(forced_tokens, max_repaired)
         b = bundle if isinstance(bundle, B.Bundle) else B.Bundle.load(bundle, verify=verify)
         check_bundle_consistency(b)
+        if not constrained and b.actions.head != "full":
+            raise InputError(
+                f"{b.path}: constrained=False needs a head='full' bundle; this bundle's head is "
+                f"'{b.actions.head}', whose argmax only sees action and end rows (not HF greedy parity)"
+            )
         cdir = Path(cache_dir) if cache_dir is not None else None
         sessions = {
             name: open_session(
                 name, b.file(b.components[name].file), b.components[name], providers=providers,
-                threads=threads, cache_dir=cdir,
+                threads=threads, cache_dir=cdir, spinning=spinning, shared_pool=shared_pool,
             )
             for name in ("vision", "decoder")
         }  # fmt: skip
@@ -224,7 +232,9 @@ class NoraPolicy:
                 f"manifest.json: the vision graph is specialised to grid {list(fixed)} but the image section "
                 f"gives grid {list(image_spec.grid_thw())}"
             )
-        return cls(b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained)
+        return cls(
+            b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained, rule
+        )
 
     def _prefill_prefix(self) -> KVCache:
         """KV of the constant prompt prefix (system turn .. <|vision_start|>), computed once."""
@@ -254,13 +264,29 @@ class NoraPolicy:
         out = self.vision.run(feeds, [B.IMAGE_EMBEDS])[B.IMAGE_EMBEDS]
         return np.asarray(out, dtype=np.float32)
 
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """Execution providers each graph session actually runs on."""
+        return {"vision": list(self.vision.providers), "decoder": list(self.decoder.session.providers)}
+
+    @property
+    def mode(self) -> str:
+        """ "constrained" or "hf-parity"."""
+        return "constrained" if self.constrained else "hf-parity"
+
     def run_chunk(self, image: np.ndarray, instruction: str, unnorm_key: str | None = None) -> ChunkOutput:
-        """One full inference with every intermediate (see :class:`ChunkOutput`).
+        """One full inference with every intermediate (see :class:`ChunkOutput`); thread-safe.
 
         Raises:
-            InputError: bad image, empty/over-long instruction, unknown unnorm key.
+            InputError: bad image, empty/over-long instruction, unknown unnorm key, closed policy.
             DetokenizationError: the generated ids do not decode into exactly (T, D).
+            ForcedTokenError: the chunk holds tokens the model did not choose beyond ``forced_tokens``.
         """
+        with self._lock:
+            self._check_open()
+            return self._run_chunk(image, instruction, unnorm_key)
+
+    def _run_chunk(self, image: np.ndarray, instruction: str, unnorm_key: str | None) -> ChunkOutput:
         t0 = time.perf_counter()
         self.last_ids = self.last_output = None
         stats = self.norm_stats(unnorm_key)
@@ -292,6 +318,13 @@ class NoraPolicy:
         if not np.isfinite(actions).all():
             raise DetokenizationError(f"decoded actions are not finite: {actions.tolist()}")
         t5 = time.perf_counter()
+        out = ChunkOutput(
+            actions, normalized, result.ids, fast_ids, result.stopped, stats.key,
+            result.classes, result.top_ids, self.mode,
+        )  # fmt: skip
+        if out.flagged:
+            log.warning("chunk holds tokens the model did not choose: %s", out.class_counts)
+        check_forced_tokens(out, self.forced_tokens)
         self.last_timings = {
             "preprocess": t1 - t0,
             "vision": t2 - t1,
@@ -301,8 +334,9 @@ class NoraPolicy:
             "detokenize": t5 - t4,
             "total": t5 - t0,
             "new_tokens": int(result.ids.size),
+            "token_classes": out.class_counts,
+            "providers": self.providers,
         }
-        out = ChunkOutput(actions, normalized, result.ids, fast_ids, result.stopped, stats.key)
         self.last_output = out
         return out
 
@@ -344,15 +378,38 @@ class NoraPolicy:
         """
         validate_image(image)
         key = (instruction, unnorm_key)
-        if key != self._queue_key:
-            self._queue.clear()
-        if not self._queue:
-            chunk = self.predict_action_chunk(image, instruction, unnorm_key)
-            self._queue.extend(np.array(row) for row in chunk)
-            self._queue_key = key
-        return self._queue.popleft()
+        with self._lock:
+            if key != self._queue_key:
+                self._queue.clear()
+            if not self._queue:
+                chunk = self.predict_action_chunk(image, instruction, unnorm_key)
+                self._queue.extend(np.array(row) for row in chunk)
+                self._queue_key = key
+            return self._queue.popleft()
 
     def reset(self) -> None:
         """Forget queued actions (call at episode start)."""
-        self._queue.clear()
-        self._queue_key = None
+        with self._lock:
+            self._queue.clear()
+            self._queue_key = None
+
+    # ------------------------------------------------------------------ lifetime
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError("this NoraPolicy was closed; load the bundle again")
+
+    def close(self) -> None:
+        """Release the graph sessions (idempotent); any later inference raises InputError."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._queue_key = None
+            self._prefix = None
+            self.vision = None
+            self.decoder.session = None
+
+    def __enter__(self) -> NoraPolicy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,8 +1,9 @@
 """ONNX Runtime sessions for the bundle's graphs: provider choice, threads, IO binding.
 
 Data flow: bundle component (file + manifest I/O spec + precision) + providers request ("auto", a name or a
-list) -> :func:`resolve_providers` (TensorRT EP with an engine cache and fp16/int8 flags from the manifest
--> CUDA EP -> CPU EP, keeping only what this onnxruntime build offers) -> ``InferenceSession`` checked against
+list) -> :func:`resolve_providers` ("auto": TensorRT EP only for a component built for it, i.e. whose manifest
+meta carries a ``tensorrt`` section, with an engine cache and fp16/int8 flags -> CUDA EP -> CPU EP, keeping only
+what this onnxruntime build offers) -> ``InferenceSession`` checked against
 the manifest's input/output names -> :class:`GraphSession.run`: feeds (numpy or OrtValue) bound with IO
 binding, outputs bound on the session's device; outputs named in ``keep`` stay OrtValues (the KV cache never
 round-trips through numpy, and on a GPU never leaves it), the rest come back as numpy.
@@ -10,6 +11,12 @@ round-trips through numpy, and on a GPU never leaves it), the rest come back as 
 TensorRT flags: ``trt_fp16_enable`` when the component precision names fp16 (or "mixed"), ``trt_int8_enable``
 when it is a QDQ int8 graph (``int8-qdq``; dynamic int8 is a CPU recipe); a component's ``meta["tensorrt"]`` dict overrides any ``trt_*`` option explicitly.
 The engine cache lives outside the bundle (a verified bundle may not hold unlisted files).
+
+Threads: each session gets ``threads`` intra-op threads with spinning OFF by default (a robot computer runs
+control loops beside the policy; an idle spinning pool burns a core). ``shared_pool=True`` puts every session on
+onnxruntime's process-wide pool instead; its Python API cannot turn that pool's spinning off (measured here,
+onnxruntime 1.32, a MatMul run every 10 ms: process CPU/wall 0.45 with the shared pool whatever the session says,
+0.05 with per-session pools and spinning off, 0.48 with spinning on), so spinning stays on there.
 """
 
 from __future__ import annotations
@@ -72,6 +79,11 @@ def tensorrt_options(precision: str, meta: Mapping, cache_dir: Path) -> dict:
     return opts
 
 
+def built_for_tensorrt(meta: Mapping | None) -> bool:
+    """A component is built for TensorRT when its manifest meta carries a ``tensorrt`` section."""
+    return isinstance(meta, Mapping) and isinstance(meta.get("tensorrt"), Mapping)
+
+
 def resolve_providers(
     providers: str | Sequence[str],
     *,
@@ -83,8 +95,9 @@ def resolve_providers(
     """Pick execution providers with their options.
 
     Args:
-        providers: "auto" (TensorRT -> CUDA -> CPU, whatever is available), one provider name, a short name
-            ("tensorrt", "cuda", "cpu"), or a list of those in priority order.
+        providers: "auto" (TensorRT if the component was built for it, then CUDA, then CPU, whatever is
+            available), one provider name, a short name ("tensorrt", "cuda", "cpu"), or a list of those in
+            priority order (naming TensorRT explicitly tries it on any graph).
         precision: component precision (drives the TensorRT fp16/int8 flags).
         meta: component meta (``tensorrt`` overrides).
         cache_dir: TensorRT engine cache; default :func:`default_cache_dir`.
@@ -99,7 +112,7 @@ def resolve_providers(
     avail = list(available if available is not None else ort.get_available_providers())
     short = {"tensorrt": TRT_EP, "trt": TRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
     if isinstance(providers, str) and providers == "auto":
-        wanted = [p for p in AUTO_ORDER if p in avail]
+        wanted = [p for p in AUTO_ORDER if p in avail and (p != TRT_EP or built_for_tensorrt(meta))]
     else:
         names = [providers] if isinstance(providers, str) else list(providers)
         if not names:
@@ -127,13 +140,52 @@ def resolve_providers(
     return out
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """Session options: full graph optimization, ``threads`` intra-op threads (None = ORT's default)."""
+_shared_pool_threads: list[int] = []  # the size the process-wide pool was created with (at most one entry)
+
+
+def check_threads(threads: object) -> int | None:
+    """``threads`` must be a positive int or None (InputError otherwise)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a positive int or None, got {threads!r}")
+    return threads
+
+
+def ensure_shared_pool(threads: int | None) -> None:
+    """Create onnxruntime's process-wide intra-op pool once (``threads`` or 0 = one per core).
+
+    Raises:
+        InputError: the pool already exists with another size (it cannot be resized in a running process).
+    """
+    size = check_threads(threads) or 0
+    if _shared_pool_threads:
+        if _shared_pool_threads[0] != size:
+            raise InputError(
+                f"the shared thread pool already has threads={_shared_pool_threads[0] or None}; "
+                f"cannot use threads={threads} in the same process"
+            )
+        return
+    ort.capi.onnxruntime_pybind11_state.set_global_thread_pool_sizes(size, 1)
+    _shared_pool_threads.append(size)
+
+
+def session_options(
+    threads: int | None, *, spinning: bool = False, shared_pool: bool = False
+) -> ort.SessionOptions:
+    """Session options: full graph optimization, ``threads`` intra-op threads (None = ORT's default),
+    thread-pool spinning on or off, or the process-wide shared pool (module docstring)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    check_threads(threads)
+    if not isinstance(spinning, bool):
+        raise InputError(f"spinning must be a bool, got {spinning!r}")
+    if shared_pool:
+        ensure_shared_pool(threads)
+        so.use_per_session_threads = False
+        return so
+    flag = "1" if spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InputError(f"threads must be a positive int or None, got {threads!r}")
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     return so
@@ -214,8 +266,10 @@ def open_session(
     providers: str | Sequence[str] = "auto",
     threads: int | None = None,
     cache_dir: Path | None = None,
+    spinning: bool = False,
+    shared_pool: bool = False,
 ) -> GraphSession:
-    """Create and check the session of one bundle component.
+    """Create and check the session of one bundle component (threading: see :func:`session_options`).
 
     Raises:
         BundleError: the graph does not load or its I/O disagrees with the manifest.
@@ -223,7 +277,8 @@ def open_session(
     """
     chosen = resolve_providers(providers, precision=spec.precision, meta=spec.meta, cache_dir=cache_dir)
     try:
-        sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=chosen)
+        opts = session_options(threads, spinning=spinning, shared_pool=shared_pool)
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except _ORT_LOAD_ERRORS as e:
         raise BundleError(f"{path}: onnxruntime cannot load the graph ({e})") from e
     check_io(sess, spec, path)

@@ -51,7 +51,12 @@ def test_length_limit_follows_hf_rules():
     cfg = lambda new, total: GreedyConfig(None, 0, (1,), new, total, None)  # noqa: E731
     assert new_token_limit(cfg(20, 5), 100) == 20  # max_new_tokens wins over max_length, as in HF
     assert new_token_limit(cfg(None, 130), 100) == 30
-    with pytest.raises(BundleError, match="neither max_new_tokens nor max_length"):
+    # no length field (Qwen2.5-VL-3B-Instruct's generation_config.json): HF's default max_length counts new tokens
+    from transformers import GenerationConfig
+
+    assert (
         new_token_limit(cfg(None, None), 100)
+        == GenerationConfig._get_default_generation_params()["max_length"]
+    )
     with pytest.raises(BundleError, match="leaves -4 new tokens"):
         new_token_limit(cfg(None, 96), 100)

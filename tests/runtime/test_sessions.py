@@ -16,11 +16,18 @@ ALL = [TRT_EP, CUDA_EP, CPU_EP]
 
 
 def test_auto_prefers_tensorrt_then_cuda_then_cpu(tmp_path):
-    got = resolve_providers("auto", precision="fp16", cache_dir=tmp_path, available=ALL)
+    built = {"tensorrt": {}}  # a component built for TensorRT (its manifest meta has a tensorrt section)
+    got = resolve_providers("auto", precision="fp16", meta=built, cache_dir=tmp_path, available=ALL)
     assert [p for p, _ in got] == ALL
     trt = got[0][1]
     assert trt["trt_engine_cache_enable"] == "True" and trt["trt_engine_cache_path"] == str(tmp_path)
     assert trt["trt_fp16_enable"] == "True" and trt["trt_int8_enable"] == "False"
+    # a plain ONNX bundle: "auto" never hands it to TensorRT (explicitly naming TensorRT still does)
+    assert [p for p, _ in resolve_providers("auto", precision="fp16", available=ALL)] == [CUDA_EP, CPU_EP]
+    assert [p for p, _ in resolve_providers("tensorrt", cache_dir=tmp_path, available=ALL)] == [
+        TRT_EP,
+        CPU_EP,
+    ]
     assert [p for p, _ in resolve_providers("auto", available=[CUDA_EP, CPU_EP])] == [CUDA_EP, CPU_EP]
     assert [p for p, _ in resolve_providers("auto", available=["AzureExecutionProvider", CPU_EP])] == [CPU_EP]
 
