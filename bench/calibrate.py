@@ -16,11 +16,16 @@ from nora_edge.bench.roofline import PrecisionPlan, analytic_stage_costs, predic
 from nora_edge.profiles import DeviceProfile, Quantity, load_profile
 
 CALIBRATION_PROFILE = "orin-agx-64gb"
-# NORA_FACTS.md "Edge targets", measured on AGX Orin 64GB.
-EDGE_LLM_VISION_MS = 39.0  # Qwen3-VL-2B INT4, TensorRT Edge-LLM, 265 image tokens
+# Measured on Jetson AGX Orin 64GB, batch 1. NVIDIA's TensorRT Edge-LLM performance-benchmarks page
+# (nvidia.github.io/TensorRT-Edge-LLM, user_guide/performance/performance-benchmarks), Qwen3-VL-2B INT4 AWQ;
+# these figures were not re-checked against the page's current release.
+EDGE_LLM_VISION_MS = 39.0  # vision encoder, 265 image tokens
 EDGE_LLM_PREFILL_MS = 50.0  # 292 tokens
 EDGE_LLM_DECODE_TOK_S = 98.0
-OPENVLA_INT4_MS = 336.0  # MLC, per action
+# Jetson AI Lab OpenVLA tutorial (github.com/NVIDIA-AI-IOT/jetson-generative-ai-playground, docs/openvla.md):
+# OpenVLA-7B on BridgeData V2, AGX Orin 64GB, JetPack 6.0: INT4 (MLC q4f16_ft) 336 ms, FP16 (HF) 840 ms
+# per action.
+OPENVLA_INT4_MS = 336.0
 OPENVLA_FP16_MS = 840.0
 
 # Edge-LLM keeps the vision tower and the (tied, 151936-row) lm_head in FP16; only decoder linears are INT4 [assumed].

@@ -1,10 +1,11 @@
 """``nora-edge demo``: the README's main job on a fresh machine, end to end.
 
-Data flow: a tiny NORA-Long fixture checkpoint (``export.fixtures``) -> bundles at fp32 and at every quantized
-precision the export stage offers (int8 / int4 when ``nora_edge.export.quantize`` has the recipe and
-``export_bundle`` accepts it; a refusal is recorded and shown, never hidden) -> ``run.run_bench`` of each bundle
-against the PyTorch reference in the same run -> ``out/report.md`` (headline table + links to each bench report)
-and the same table printed.
+Data flow: a tiny NORA-Long fixture checkpoint (``export.fixtures``) -> the fp32 bundle (``export_bundle``,
+validated against PyTorch) -> an int8 and an int4 bundle quantized from it (``quantize_bundle``, each gated by
+its recipe's fidelity thresholds) -> ``run.run_bench`` of every bundle that was built against the PyTorch
+reference in the same run -> ``out/report.md`` (headline table + links to each bench report) and the same table
+printed. A bundle that fails to build is never skipped quietly: the report says so in its first lines, and
+:func:`run_demo` then raises :class:`DemoError` naming every failed bundle (``nora-edge demo`` exits 2).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 from nora_edge.bench.report import table, write_json_atomic, write_text_atomic
 from nora_edge.bench.run import run_bench
-from nora_edge.errors import ExportError, InputError
+from nora_edge.errors import ExportError, InputError, NoraEdgeError
 
-QUANTIZED = ("int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4")  # what `make demo` builds; every one must build
 HEADER = [
     "bundle",
     "MB",
@@ -31,14 +32,22 @@ HEADER = [
 ]
 
 
-def available_precisions() -> list[str]:
-    """fp32 plus the quantized recipes the export stage ships (names from ``export.quantize.list_recipes``)."""
-    try:
-        from nora_edge.export.quantize import list_recipes
-    except ImportError:
-        return ["fp32"]
-    names = {r.name for r in list_recipes()}
-    return ["fp32", *[p for p in QUANTIZED if p in names]]
+class DemoError(ExportError):
+    """One or more of the demo's bundles failed to build.
+
+    Attributes:
+        errors: precision -> the error its build raised (e.g. a ``FidelityGateError`` with its failed metrics).
+        report: the summary written for the bundles that were built.
+    """
+
+    def __init__(self, message: str, *, errors: dict[str, NoraEdgeError], report: Path) -> None:
+        super().__init__(message)
+        self.errors = errors
+        self.report = report
+
+
+def describe_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def build_checkpoint(out: Path, preset: str, horizon: int, seed: int, train_steps: int) -> Path:
@@ -55,19 +64,33 @@ def build_checkpoint(out: Path, preset: str, horizon: int, seed: int, train_step
     )
 
 
-def export_all(ckpt: Path, out: Path, precisions: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
-    """Export one bundle per precision; returns (bundles, refusals with the export stage's message)."""
-    from nora_edge.export.pipeline import export_bundle
+def build_bundles(
+    ckpt: Path, out: Path, precisions: list[str]
+) -> tuple[dict[str, Path], dict[str, NoraEdgeError]]:
+    """The fp32 bundle, then each quantized one from it; returns (bundles built, failures).
 
-    bundles, refused = {}, {}
+    A failed fp32 export raises at once (nothing else can be built). A quantized bundle that fails (a
+    quantizer error, a missed fidelity threshold, an unknown recipe) is recorded as ``{precision: error}`` and
+    the next one is tried, so one run names every failure; the caller must fail the demo.
+    """
+    from rich.console import Console
+
+    from nora_edge.export.pipeline import export_bundle
+    from nora_edge.export.quantize import quantize_bundle
+
+    console = Console(stderr=True)
+    fp32 = export_bundle(ckpt, out / "bundle-fp32", precision="fp32", overwrite=True, progress=True)
+    bundles, errors = {"fp32": fp32}, {}
     for p in precisions:
+        if p == "fp32":
+            continue
+        console.print(f"quantize: bundle-{p} from {fp32.name} (recipe {p}, fidelity-gated)")
         try:
-            bundles[p] = export_bundle(ckpt, out / f"bundle-{p}", precision=p, overwrite=True, progress=True)
-        except ExportError as e:
-            if p == "fp32":
-                raise
-            refused[p] = str(e)
-    return bundles, refused
+            bundles[p] = quantize_bundle(fp32, out / f"bundle-{p}", p, overwrite=True)
+        except NoraEdgeError as e:
+            errors[p] = e
+            console.print(f"[red]{p} bundle FAILED to build: {describe_error(e)}[/red]")
+    return bundles, errors
 
 
 def headline_row(name: str, res: dict) -> list:
@@ -107,19 +130,28 @@ def run_demo(
         preset / horizon / seed: the fixture checkpoint (``export.fixtures.build_fixture``).
         steps / warmup: per bench run.
         threads: ORT and torch threads (None: library defaults).
-        precisions: bundles to build (default: fp32 + the quantized recipes available).
+        precisions: bundles to build (default :data:`PRECISIONS`: fp32, int8, int4); must include fp32, the
+            source of the quantized ones.
         checkpoint: use this NORA checkpoint instead of building the fixture.
         train: train the fixture on the synthetic task first (``export.train_fixture``; ~20-30 s) so the
             reference's output is well-formed and the actions can be compared; False keeps random weights.
 
     Returns:
-        Path of the summary ``report.md``.
+        Path of the summary ``report.md`` (every requested bundle was built and benchmarked).
+
+    Raises:
+        InputError: ``precisions`` without fp32, or with a name twice.
+        DemoError: (an ExportError) a quantized bundle failed to build; names each one and its error. The
+            bundles that were built are benchmarked and ``report.md`` is written (it says what failed) first.
+        ExportError / CheckpointError: the fp32 export or the fixture failed (nothing is benchmarked).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    precisions = precisions or available_precisions()
+    precisions = list(precisions) if precisions is not None else list(PRECISIONS)
     if "fp32" not in precisions:
         raise InputError(f"precisions must include fp32 (the reference precision), got {precisions}")
+    if len(set(precisions)) != len(precisions):
+        raise InputError(f"precisions has a duplicate: {precisions}")
+    out.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         ckpt, steps_trained = Path(checkpoint), None
     else:
@@ -127,25 +159,47 @@ def run_demo(
 
         steps_trained = FIXTURE_TRAIN_STEPS[horizon] if train else 0
         ckpt = build_checkpoint(out, preset, horizon, seed, steps_trained)
-    bundles, refused = export_all(ckpt, out, precisions)
+    bundles, errors = build_bundles(ckpt, out, precisions)
+    failed = {p: describe_error(e) for p, e in errors.items()}
     results = {}
-    for p, bundle in bundles.items():
-        results[p] = run_bench(
-            bundle, reference=ckpt, steps=steps, warmup=warmup, threads=threads, out=out / f"bench-{p}"
-        )
+    for p in precisions:
+        if p in bundles:
+            results[p] = run_bench(
+                bundles[p],
+                reference=ckpt,
+                steps=steps,
+                warmup=warmup,
+                threads=threads,
+                out=out / f"bench-{p}",
+            )
     rows = [headline_row(f"{ckpt.name} {p}", r) for p, r in results.items()]
-    text = summary_markdown(ckpt, rows, results, refused, steps_trained)
+    text = summary_markdown(ckpt, rows, results, failed, steps_trained)
     write_json_atomic(
         out / "demo.json",
-        {"checkpoint": ckpt, "refused": refused, "results": {p: r["files"] for p, r in results.items()}},
+        {
+            "checkpoint": ckpt,
+            "requested": precisions,
+            "built": list(results),
+            "failed": failed,
+            "results": {p: r["files"] for p, r in results.items()},
+        },
     )
     report = write_text_atomic(out / "report.md", text)
-    print_headline(rows, refused, report)
+    print_headline(rows, failed, report)
+    if failed:
+        names = ", ".join(failed)
+        raise DemoError(
+            f"demo failed: {len(failed)} of {len(precisions)} bundles did not build ({names}); "
+            + "; ".join(f"bundle-{p}: {why}" for p, why in failed.items())
+            + f". The report for the bundles that were built is {report}",
+            errors=errors,
+            report=report,
+        ) from next(iter(errors.values()))
     return report
 
 
 def summary_markdown(
-    ckpt: Path, rows: list[list], results: dict, refused: dict[str, str], steps_trained: int | None
+    ckpt: Path, rows: list[list], results: dict, failed: dict[str, str], steps_trained: int | None
 ) -> str:
     if steps_trained is None:
         what = "a user-supplied checkpoint"
@@ -156,26 +210,27 @@ def summary_markdown(
         )
     else:
         what = "a random-weight fixture (its actions mean nothing, its timings do)"
-    out = [
-        "# nora-edge demo",
-        "",
+    out = ["# nora-edge demo", ""]
+    if failed:
+        out += [f"**DEMO FAILED: {len(failed)} bundle(s) did not build ({', '.join(failed)}).**", ""]
+        out += [f"- {p}: {why}" for p, why in failed.items()]
+        out.append("")
+    out += [
         f"Checkpoint `{ckpt}`: {what}. Each bundle was benchmarked against the PyTorch reference (HF "
         "`generate`, fp32) on the same frames in the same run.",
         "",
         table(HEADER, rows),
         "",
         "speedup = reference median / runtime median per inference. The runtime stops when the chunk is "
-        "complete (constrained decoding); the reference generates until `<|im_end|>` or max_new_tokens, so on an "
-        "untrained fixture it usually generates more tokens: speedup / token compares per generated token.",
+        "complete (constrained decoding); the reference generates until `<|im_end|>` or its length limit, so on "
+        "an untrained fixture it usually generates more tokens: speedup / token compares per generated token.",
         "",
     ]
     out += [f"- {p}: [bench report](bench-{p}/report.md)" for p in results]
-    for p, why in refused.items():
-        out.append(f"- {p}: not built, the export stage refused: {why}")
     return "\n".join(out) + "\n"
 
 
-def print_headline(rows: list[list], refused: dict[str, str], report: Path) -> None:
+def print_headline(rows: list[list], failed: dict[str, str], report: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -188,6 +243,6 @@ def print_headline(rows: list[list], refused: dict[str, str], report: Path) -> N
         )
     console = Console(width=max(Console().width, 150))  # the table needs ~150 columns; logs default to 80
     console.print(t)
-    for p, why in refused.items():
-        console.print(f"[yellow]{p} bundle not built: {why}[/yellow]")
+    for p, why in failed.items():
+        console.print(f"[bold red]{p} bundle FAILED to build: {why}[/bold red]")
     console.print(f"report: {report}")

@@ -168,9 +168,11 @@ class VlaSpec:
         return out
 
 
-# NORA prompt (NORA_FACTS "Prompt"): system turn 11 tokens, user header + vision start/end 5, assistant header
-# 5 -> 21 template tokens; the instruction is assumed to be 10 tokens. The constant prefix (system turn +
-# "<|im_start|>user\n<|vision_start|>") is 15 tokens with the Qwen tokenizer.
+# NORA prompt (declare-lab/nora inference/nora.py: processor.apply_chat_template on [image, instruction] with
+# add_generation_prompt; the Qwen2.5-VL chat template adds its default system turn): system turn 11 tokens,
+# user header + vision start/end 5, assistant header 5 -> 21 template tokens; the instruction is assumed to be
+# 10 tokens. The constant prefix (system turn + "<|im_start|>user\n<|vision_start|>") is 15 tokens with the
+# Qwen tokenizer.
 NORA_TEMPLATE_TOKENS = 21
 NORA_PREFIX_TOKENS = 15
 INSTRUCTION_TOKENS = 10
@@ -272,7 +274,8 @@ def nora_spec_from_config(
     )
 
 
-# Qwen2.5-VL-3B (NORA_FACTS "The NORA checkpoint")
+# Qwen2.5-VL-3B: Qwen/Qwen2.5-VL-3B-Instruct config.json (not re-checked here), vocab grown by NORA's 2048 action
+# tokens (declare-lab/nora inference/nora.py: action ids 151665..153712)
 NORA_3B_CONFIG = {
     "tie_word_embeddings": True,
     "text_config": {

@@ -29,7 +29,8 @@ _NUM_MARKED_SPECIAL = names.QWEN_SPECIAL_TOKENS.index("<|video_pad|>") + 1
 FILLER_FORMAT = "<unused_bpe_{}>"  # never produced by a merge, so unreachable from text
 
 # Our own chat template (Jinja). For one user message with an image then text and
-# add_generation_prompt=True it renders exactly NORA's prompt (see NORA_FACTS.md).
+# add_generation_prompt=True it renders exactly NORA's prompt (declare-lab/nora inference/nora.py applies the
+# Qwen2.5-VL chat template to [image, instruction] with add_generation_prompt=True).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
