@@ -1,19 +1,30 @@
 """Fidelity of a quantized bundle against the fp32 reference, on held-out observations.
 
 Data flow: held-out (image, instruction) samples -> reference run (an fp32 bundle in NoraPolicy, or the
-PyTorch ``ReferencePolicy``) and candidate run (the quantized bundle in NoraPolicy, its decoder session
-wrapped to record the logits of every step) -> :class:`PolicyRun` pairs -> :func:`compare_runs` (one raw
-record per sample: both id sequences, per-step logits cosines, both action chunks, malformed-decode reasons)
--> :func:`aggregate` (computed from the records only) -> ``fidelity_report.json`` (aggregates + raw records,
-so every aggregate can be recomputed) and ``fidelity_report.md``.
+PyTorch ``ReferencePolicy``) and candidate run (the quantized bundle in NoraPolicy, its vision and decoder
+sessions wrapped to record the image embeddings and the logits of every step) -> :class:`PolicyRun` pairs;
+with a bundle reference also a *decoder-only* candidate run (the candidate decoder fed the reference's image
+embeddings, so its numbers hold the decoder's error alone) -> :func:`compare_runs` (one raw record per
+sample: id sequences, per-step logits cosines, image-embedding cosine, both action chunks, token classes,
+malformed-decode reasons) -> :func:`aggregate` (computed from the records only) -> ``fidelity_report.json``
+(aggregates + raw records, so every aggregate can be recomputed) and ``fidelity_report.md``.
+
+NoraPolicy runs load with ``forced_tokens="flag"``: a chunk the model did not fully choose is returned with its
+token classes ("model", "repaired", "forced_continue"; ``nora_edge.generate.TOKEN_CLASSES``) so the rates can
+be counted instead of the chunk being refused.
 
 Definitions (per sample):
   token agreement   positions where both id sequences hold the same id / the longer length (1 if both empty).
+  first divergence  first position where the id sequences differ (a length difference counts); None if equal.
   logits cosine     cosine of the two head-row logit vectors at every step whose context is identical in both
                     runs (steps 0 .. first divergence, inclusive); the logits that chose each token.
+  image-embeds cos. cosine of the two (merged, H) vision outputs, flattened.
   action error      per DoF over the chunk's T steps, in robot units: L2 = sqrt(sum_t d^2), max = max_t |d|;
-                    only when both runs decoded (a malformed decode is counted, never compared).
+                    only when both runs decoded (a malformed decode is counted, never compared). As a fraction
+                    of the DoF's q01..q99 range it is |d normalized| / 2 (NORA unnormalizes every dim linearly).
   gripper flips     time steps where the normalized gripper value (dim ``gripper_dim``) has a different sign.
+  repaired / forced chunks with at least one "repaired" / "forced_continue" token (what the runtime's default
+                    ``forced_tokens="raise"`` refuses); malformed: chunks that did not decode.
 """
 
 from __future__ import annotations
@@ -21,63 +32,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nora_edge.atomic import write_text_atomic
-from nora_edge.errors import DetokenizationError, InputError
+from nora_edge.errors import InputError
+
+from .fidelity_runs import PolicyRun, quiet_flagged_chunks, recording_policy, run_nora, run_reference
 
 REPORT_JSON = "fidelity_report.json"
 REPORT_MD = "fidelity_report.md"
-SCHEMA = 1
-
-
-@dataclass(frozen=True)
-class PolicyRun:
-    """One inference as the report sees it.
-
-    Attributes:
-        ids: (N,) int64 generated ids.
-        step_logits: per generated token the (rows,) logits it was chosen from, or None when unavailable.
-        actions: (T, D) float64 robot-unit actions, None when the decode was malformed.
-        normalized: (T, D) float64 actions in [-1, 1] space, None when malformed.
-        error: why the decode was malformed (None when it decoded).
-    """
-
-    ids: np.ndarray
-    step_logits: list[np.ndarray] | None
-    actions: np.ndarray | None
-    normalized: np.ndarray | None
-    error: str | None
-
-
-# --- running policies ----------------------------------------------------------------------------------
-def run_nora(policy, image: np.ndarray, instruction: str, unnorm_key: str | None = None) -> PolicyRun:
-    """Run a NoraPolicy whose decoder session is a ``RecordingSession`` recording ``logits``.
-
-    A DetokenizationError (possible in unconstrained mode) becomes a malformed run; other errors propagate.
-    """
-    from nora_edge import bundle as B
-
-    recorder = policy.decoder.session
-    start = len(recorder.outputs)
-    try:
-        out = policy.run_chunk(image, instruction, unnorm_key)
-    except DetokenizationError as e:
-        logits = [np.asarray(o[B.LOGITS])[0] for o in recorder.outputs[start:]]
-        return PolicyRun(np.zeros(0, np.int64), logits, None, None, str(e))
-    logits = [np.asarray(o[B.LOGITS])[0] for o in recorder.outputs[start:]]  # (rows,) per step
-    return PolicyRun(np.asarray(out.ids, np.int64), logits[: len(out.ids)], out.actions, out.normalized, None)
-
-
-def run_reference(reference, image: np.ndarray, instruction: str, unnorm_key: str | None = None) -> PolicyRun:
-    """Run the PyTorch ``ReferencePolicy`` (no step logits; a malformed decode is reported, not zeroed)."""
-    r = reference.predict_action_chunk(image, instruction, unnorm_key)
-    if not r.well_formed:
-        return PolicyRun(np.asarray(r.ids, np.int64), None, None, None, r.reason or "malformed")
-    return PolicyRun(np.asarray(r.ids, np.int64), None, np.asarray(r.actions), np.asarray(r.normalized), None)
+SCHEMA = 2  # 2: image-embeds and decoder-only fields, token classes, rates, action error fractions
 
 
 # --- per-sample comparison -----------------------------------------------------------------------------
@@ -101,8 +67,8 @@ def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
     return None if a.size == b.size else n
 
 
-def compare_runs(index: int, instruction: str, ref: PolicyRun, test: PolicyRun, gripper_dim: int) -> dict:
-    """The raw record of one sample (JSON-ready; see the module docstring for the definitions)."""
+def _id_fields(ref: PolicyRun, test: PolicyRun) -> tuple[float, int | None, list[float] | None]:
+    """(token agreement, first divergence, per-step logits cosines or None) of two runs."""
     r_ids, t_ids = np.asarray(ref.ids, np.int64), np.asarray(test.ids, np.int64)
     longest = max(r_ids.size, t_ids.size)
     n = min(r_ids.size, t_ids.size)
@@ -112,27 +78,62 @@ def compare_runs(index: int, instruction: str, ref: PolicyRun, test: PolicyRun, 
     if ref.step_logits is not None and test.step_logits is not None:
         shared = min(len(ref.step_logits), len(test.step_logits), (div + 1) if div is not None else longest)
         cosines = [cosine(ref.step_logits[i], test.step_logits[i]) for i in range(shared)]
+    return (agree / longest if longest else 1.0), div, cosines
+
+
+def _list(x) -> list | None:
+    return None if x is None else np.asarray(x, np.float64).tolist()
+
+
+def compare_runs(
+    index: int,
+    instruction: str,
+    ref: PolicyRun,
+    test: PolicyRun,
+    gripper_dim: int,
+    decoder_only: PolicyRun | None = None,
+) -> dict:
+    """The raw record of one sample (JSON-ready; see the module docstring for the definitions).
+
+    Args:
+        decoder_only: the candidate decoder's run on the reference's image embeddings (``decoder_*`` fields).
+    """
+    agree, div, cosines = _id_fields(ref, test)
+    emb_cos = None
+    if ref.image_embeds is not None and test.image_embeds is not None:
+        emb_cos = cosine(ref.image_embeds, test.image_embeds)
     record = {
         "index": index,
         "instruction": instruction,
-        "ref_ids": r_ids.tolist(),
-        "test_ids": t_ids.tolist(),
-        "token_agreement": agree / longest if longest else 1.0,
+        "ref_ids": np.asarray(ref.ids, np.int64).tolist(),
+        "test_ids": np.asarray(test.ids, np.int64).tolist(),
+        "token_agreement": agree,
         "exact_match": div is None,
         "first_divergence": div,
         "logits_cosine": cosines,
+        "image_embeds_cosine": emb_cos,
+        "ref_classes": None if ref.classes is None else list(ref.classes),
+        "test_classes": None if test.classes is None else list(test.classes),
+        "decoder_ids": None,
+        "decoder_token_agreement": None,
+        "decoder_first_divergence": None,
+        "decoder_logits_cosine": None,
         "ref_error": ref.error,
         "test_error": test.error,
-        "ref_actions": None if ref.actions is None else np.asarray(ref.actions, np.float64).tolist(),
-        "test_actions": None if test.actions is None else np.asarray(test.actions, np.float64).tolist(),
-        "ref_normalized": None if ref.normalized is None else np.asarray(ref.normalized, np.float64).tolist(),
-        "test_normalized": None
-        if test.normalized is None
-        else np.asarray(test.normalized, np.float64).tolist(),
+        "ref_actions": _list(ref.actions),
+        "test_actions": _list(test.actions),
+        "ref_normalized": _list(ref.normalized),
+        "test_normalized": _list(test.normalized),
         "action_l2": None,
         "action_max": None,
         "gripper_flips": None,
     }
+    if decoder_only is not None:
+        d_agree, d_div, d_cos = _id_fields(ref, decoder_only)
+        record["decoder_ids"] = np.asarray(decoder_only.ids, np.int64).tolist()
+        record["decoder_token_agreement"] = d_agree
+        record["decoder_first_divergence"] = d_div
+        record["decoder_logits_cosine"] = d_cos
     if ref.actions is not None and test.actions is not None:
         a, b = np.asarray(ref.actions, np.float64), np.asarray(test.actions, np.float64)
         if a.shape != b.shape:
@@ -147,40 +148,103 @@ def compare_runs(index: int, instruction: str, ref: PolicyRun, test: PolicyRun, 
 
 
 # --- aggregation (from records only) -------------------------------------------------------------------
+def _mean(xs: list) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def _class_stats(records: Sequence[dict], side: str) -> tuple[dict | None, float | None, float | None]:
+    """(token counts per class, repaired-chunk rate, forced-chunk rate) of one side ("ref" / "test")."""
+    from nora_edge.generate import TOKEN_CLASSES
+
+    known = [r[f"{side}_classes"] for r in records if r[f"{side}_classes"] is not None]
+    if not known:
+        return None, None, None
+    counts = {c: sum(cl.count(c) for cl in known) for c in TOKEN_CLASSES}
+    repaired = sum("repaired" in cl for cl in known) / len(known)
+    forced = sum("forced_continue" in cl for cl in known) / len(known)
+    return counts, repaired, forced
+
+
+def _increase(test: float | None, ref: float | None) -> float | None:
+    return None if test is None or ref is None else test - ref
+
+
 def aggregate(records: Sequence[dict]) -> dict:
     """Summary numbers, each a function of the raw records alone.
 
     Returns:
-        n, token_agreement_mean, exact_match_rate, logits_cosine_mean (mean of per-sample means),
-        logits_cosine_min (over every compared step), n_action_compared, action_l2_mean_per_dof,
-        action_max_per_dof, action_l2_mean (over DoF), gripper_flip_samples, gripper_flips_total,
-        malformed_ref, malformed_test.
+        n; end to end: token_agreement_mean, exact_match_rate, first_divergence_min / _mean (over the
+        samples that diverge), logits_cosine_mean (mean of per-sample means), logits_cosine_min (over every
+        compared step); vision: image_embeds_cosine_mean / _min; decoder alone (on the reference's image
+        embeddings): decoder_token_agreement_mean, decoder_exact_match_rate, decoder_logits_cosine_mean /
+        _min; actions: n_action_compared, action_l2_mean_per_dof, action_max_per_dof, action_l2_mean (robot
+        units), action_err_frac_mean / _max (fraction of the q01..q99 range), gripper_flip_samples,
+        gripper_flips_total, gripper_flip_rate (per compared time step); rates per chunk: malformed_ref /
+        malformed_test (counts), malformed_rate_*, repaired_rate_*, forced_continue_rate_* for ref, test and
+        increase (test - ref); token_classes_ref / _test (token counts per class). None = not measured.
     """
     if not records:
         raise InputError("fidelity: no records to aggregate")
+    n = len(records)
     cos = [r["logits_cosine"] for r in records if r["logits_cosine"]]
+    dec = [r for r in records if r["decoder_ids"] is not None]
+    dec_cos = [r["decoder_logits_cosine"] for r in dec if r["decoder_logits_cosine"]]
+    emb = [r["image_embeds_cosine"] for r in records if r["image_embeds_cosine"] is not None]
+    divs = [r["first_divergence"] for r in records if r["first_divergence"] is not None]
     acted = [r for r in records if r["action_l2"] is not None]
     out = {
-        "n": len(records),
+        "n": n,
         "token_agreement_mean": float(np.mean([r["token_agreement"] for r in records])),
         "exact_match_rate": float(np.mean([r["exact_match"] for r in records])),
-        "logits_cosine_mean": float(np.mean([np.mean(c) for c in cos])) if cos else None,
+        "first_divergence_min": min(divs) if divs else None,
+        "first_divergence_mean": _mean(divs),
+        "logits_cosine_mean": _mean([np.mean(c) for c in cos]),
         "logits_cosine_min": float(min(min(c) for c in cos)) if cos else None,
+        "image_embeds_cosine_mean": _mean(emb),
+        "image_embeds_cosine_min": float(min(emb)) if emb else None,
+        "decoder_token_agreement_mean": _mean([r["decoder_token_agreement"] for r in dec]),
+        "decoder_exact_match_rate": _mean([r["decoder_first_divergence"] is None for r in dec]),
+        "decoder_logits_cosine_mean": _mean([np.mean(c) for c in dec_cos]),
+        "decoder_logits_cosine_min": float(min(min(c) for c in dec_cos)) if dec_cos else None,
         "n_action_compared": len(acted),
         "action_l2_mean_per_dof": None,
         "action_max_per_dof": None,
         "action_l2_mean": None,
+        "action_err_frac_mean": None,
+        "action_err_frac_max": None,
         "gripper_flip_samples": sum(1 for r in acted if r["gripper_flips"]),
         "gripper_flips_total": int(sum(r["gripper_flips"] for r in acted)),
+        "gripper_flip_rate": None,
         "malformed_ref": sum(1 for r in records if r["ref_error"] is not None),
         "malformed_test": sum(1 for r in records if r["test_error"] is not None),
     }
+    out["malformed_rate_ref"] = out["malformed_ref"] / n
+    out["malformed_rate_test"] = out["malformed_test"] / n
+    out["malformed_rate_increase"] = out["malformed_rate_test"] - out["malformed_rate_ref"]
+    counts_ref, rep_ref, forced_ref = _class_stats(records, "ref")
+    counts_test, rep_test, forced_test = _class_stats(records, "test")
+    out.update(
+        repaired_rate_ref=rep_ref,
+        repaired_rate_test=rep_test,
+        repaired_rate_increase=_increase(rep_test, rep_ref),
+        forced_continue_rate_ref=forced_ref,
+        forced_continue_rate_test=forced_test,
+        forced_continue_rate_increase=_increase(forced_test, forced_ref),
+        token_classes_ref=counts_ref,
+        token_classes_test=counts_test,
+    )
     if acted:
         l2 = np.array([r["action_l2"] for r in acted])  # (S, D)
         mx = np.array([r["action_max"] for r in acted])  # (S, D)
+        frac = np.stack(
+            [np.abs(np.subtract(r["test_normalized"], r["ref_normalized"])) / 2 for r in acted]
+        )  # (S, T, D)
         out["action_l2_mean_per_dof"] = l2.mean(axis=0).tolist()
         out["action_max_per_dof"] = mx.max(axis=0).tolist()
         out["action_l2_mean"] = float(l2.mean())
+        out["action_err_frac_mean"] = float(frac.mean())
+        out["action_err_frac_max"] = float(frac.max())
+        out["gripper_flip_rate"] = out["gripper_flips_total"] / (frac.shape[0] * frac.shape[1])
     return out
 
 
@@ -195,8 +259,14 @@ def _fmt(x, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+def _classes_txt(classes: list[str] | None) -> str:
+    if classes is None:
+        return "n/a"
+    return f"{classes.count('repaired')}/{classes.count('forced_continue')}"
+
+
 def render_markdown(report: dict) -> str:
-    """The human-readable report: summary, then one line per sample."""
+    """The human-readable report: the gate (when quantize checked one), summary, then one line per sample."""
     agg = report["aggregates"]
     lines = [
         f"# Fidelity: {report['candidate']} vs {report['reference']}",
@@ -204,14 +274,25 @@ def render_markdown(report: dict) -> str:
         f"{agg['n']} held-out samples; gripper dim {report['gripper_dim']}; decoding "
         f"{'constrained' if report.get('constrained', True) else 'unconstrained'}.",
         "",
-        "| metric | value |",
-        "|---|---|",
     ]
+    gate = report.get("validation")
+    if gate is not None and gate.get("metrics"):
+        lines += [f"Thresholds (recipe '{gate.get('recipe')}'): **{gate['status']}**", ""]
+        lines += ["| component | metric | value | threshold | result |", "|---|---|---|---|---|"]
+        for m in gate["metrics"]:
+            verdict = "pass" if m["passed"] else "FAIL"
+            lines.append(
+                f"| {m['component']} | {m['metric']} | {_fmt(m['value'])} | {m['op']} {_fmt(m['threshold'])} "
+                f"| {verdict} |"
+            )
+        lines.append("")
+    lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in agg.items()]
     lines += [
         "",
-        "| # | instruction | token agr. | first div. | cos mean | L2 mean | gripper flips | malformed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | instruction | token agr. | first div. | cos mean | emb. cos | decoder agr. | L2 mean | gripper flips "
+        "| repaired/forced (test) | malformed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["records"]:
         cos = float(np.mean(r["logits_cosine"])) if r["logits_cosine"] else None
@@ -219,7 +300,9 @@ def render_markdown(report: dict) -> str:
         bad = ", ".join(k for k in ("ref_error", "test_error") if r[k] is not None) or "-"
         lines.append(
             f"| {r['index']} | {r['instruction'][:40]} | {_fmt(r['token_agreement'])} | "
-            f"{_fmt(r['first_divergence'])} | {_fmt(cos)} | {_fmt(l2)} | {_fmt(r['gripper_flips'])} | {bad} |"
+            f"{_fmt(r['first_divergence'])} | {_fmt(cos)} | {_fmt(r['image_embeds_cosine'], 6)} | "
+            f"{_fmt(r['decoder_token_agreement'])} | {_fmt(l2)} | {_fmt(r['gripper_flips'])} | "
+            f"{_classes_txt(r['test_classes'])} | {bad} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -239,24 +322,6 @@ def write_report(out_dir: str | os.PathLike[str], records: Sequence[dict], meta:
 
 
 # --- the whole report ----------------------------------------------------------------------------------
-def recording_policy(bundle, *, constrained: bool = True, threads: int | None = None):
-    """A CPU NoraPolicy for ``bundle`` (path or policy) whose decoder records its logits."""
-    from nora_edge import bundle as B
-    from nora_edge.policy import NoraPolicy
-
-    from .quantize.calibration import RecordingSession
-
-    policy = (
-        bundle
-        if isinstance(bundle, NoraPolicy)
-        else NoraPolicy.load(bundle, providers="cpu", threads=threads, constrained=constrained, verify=False)
-    )
-    if not isinstance(policy.decoder.session, RecordingSession):
-        policy.decoder.session = RecordingSession(policy.decoder.session, (B.LOGITS,))
-    policy.decoder.session.record_feeds = False
-    return policy
-
-
 def fidelity_report(
     reference,
     candidate,
@@ -280,28 +345,36 @@ def fidelity_report(
         constrained: decoding mode of the NoraPolicy runs.
         labels: (reference, candidate) names for the report (default: paths / class names).
 
+    With a bundle reference every sample also runs the candidate's decoder on the reference's image
+    embeddings (the ``decoder_*`` numbers: the decoder's own error, without the vision graph's).
+
     Returns:
         the report dict (``aggregates`` and ``records``).
     """
     if not samples:
         raise InputError("fidelity_report: no held-out samples")
-    is_torch_ref = type(reference).__name__ == "ReferencePolicy"
-    # one model loaded at a time: every reference run first (a 3B fp32 bundle holds ~14 GB), then the candidate
-    ref = reference if is_torch_ref else recording_policy(reference, constrained=constrained)
-    run_ref = run_reference if is_torch_ref else run_nora
-    ref_runs = [run_ref(ref, s.image, s.instruction, unnorm_key) for s in samples]
-    del ref
-    test = recording_policy(candidate, constrained=constrained)
-    records = [
-        compare_runs(i, s.instruction, r, run_nora(test, s.image, s.instruction, unnorm_key), gripper_dim)
-        for i, (s, r) in enumerate(zip(samples, ref_runs, strict=True))
-    ]
+    with quiet_flagged_chunks():  # the classes are counted in the records
+        is_torch_ref = type(reference).__name__ == "ReferencePolicy"
+        # one model loaded at a time: every reference run first (a 3B fp32 bundle holds ~14 GB)
+        ref = reference if is_torch_ref else recording_policy(reference, constrained=constrained)
+        run_ref = run_reference if is_torch_ref else run_nora
+        ref_runs = [run_ref(ref, s.image, s.instruction, unnorm_key) for s in samples]
+        del ref
+        test = recording_policy(candidate, constrained=constrained)
+        records = []
+        for i, (s, r) in enumerate(zip(samples, ref_runs, strict=True)):
+            run = run_nora(test, s.image, s.instruction, unnorm_key)
+            dec = None
+            if r.image_embeds is not None:
+                dec = run_nora(test, s.image, s.instruction, unnorm_key, image_embeds=r.image_embeds)
+            records.append(compare_runs(i, s.instruction, r, run, gripper_dim, dec))
     names = labels or (_label(reference), _label(candidate))
     meta = {
         "reference": names[0],
         "candidate": names[1],
         "gripper_dim": gripper_dim,
         "constrained": constrained,
+        "forced_tokens": "flag",
     }
     if out_dir is None:
         return {"schema": SCHEMA, **meta, "aggregates": aggregate(records), "records": records}

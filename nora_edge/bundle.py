@@ -319,6 +319,8 @@ def format_info(info: dict) -> str:
     )
     lines.append(f"codec          T={codec['time_horizon']} D={codec['action_dim']} scale={codec['scale']}")
     lines.append(f"unnorm keys    {', '.join(info['unnorm_keys'])}")
+    if info["validation"].get("kind") == QUANTIZED_VALIDATION:
+        return "\n".join(lines + format_quantized_validation(info["validation"]))
     for stage, res in info["validation"].items():
         if isinstance(res, dict) and "passed" in res:
             status = "passed" if res["passed"] else "FAILED"
@@ -326,6 +328,37 @@ def format_info(info: dict) -> str:
             err_txt = f" max rel err {err:.2e} (tol {res.get('tolerance')})" if err is not None else ""
             lines.append(f"validation     {stage}: {status}{err_txt}")
     return "\n".join(lines)
+
+
+# validation.kind of a quantized bundle (written by nora_edge.export.quantize.thresholds)
+QUANTIZED_VALIDATION = "quantized-fidelity"
+
+
+def format_quantized_validation(v: dict) -> list[str]:
+    """Lines of a quantized bundle's own validation: fidelity vs its fp32 source, metric by metric."""
+    ref = v.get("reference") or {}
+    sha = str(ref.get("manifest_sha256") or "?")[:12]
+    lines = [
+        f"validation     {v.get('status', '?').upper()}: fidelity vs fp32 bundle '{ref.get('bundle')}' "
+        f"(manifest sha256 {sha}...), recipe '{v.get('recipe')}', {v.get('samples', 0)} held-out samples",
+    ]
+    for m in v.get("metrics", []):
+        value = "not measured" if m["value"] is None else f"{m['value']:.6g}"
+        if m["threshold"] is None:
+            limit, verdict = "not gated", "-"
+        else:
+            limit, verdict = f"{m['op']} {m['threshold']:g}", "pass" if m["passed"] else "FAIL"
+        lines.append(f"{'':<15}{m['component']:<11} {m['metric']:<30} {value:>12}  {limit:<10} {verdict}")
+    for key, value in (v.get("reported") or {}).items():
+        if value is not None:
+            vals = value if isinstance(value, list) else [value]
+            txt = ", ".join(f"{x:.6g}" if isinstance(x, float) else str(x) for x in vals)
+            lines.append(f"{'':<15}{'measured':<11} {key:<30} {txt}")
+    failed = v.get("failed_metrics") or []
+    accepted = "yes" if v.get("accepted_despite_failure") else "no"
+    failed_txt = f" (failed: {', '.join(failed)})" if failed else ""
+    lines.append(f"{'':<15}accepted despite failure: {accepted}{failed_txt}")
+    return lines
 
 
 __all__ = [

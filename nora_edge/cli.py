@@ -104,15 +104,34 @@ def quantize(
         Path | None, typer.Option(help="folder of images + instructions.jsonl (default: synthetic frames)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    accept_degraded: Annotated[
+        bool,
+        typer.Option(
+            help="write the bundle even if it misses the recipe's fidelity thresholds (recorded in its manifest)"
+        ),
+    ] = False,
 ) -> None:
-    """Quantize an existing fp32 bundle (no re-export); writes fidelity_report.{json,md} into it."""
+    """Quantize an existing fp32 bundle (no re-export), gated by the recipe's fidelity thresholds vs fp32.
+
+    Writes fidelity_report.{json,md} into the bundle; a metric over its threshold fails (exit 2, nothing
+    written) unless --accept-degraded.
+    """
+    import warnings
+
+    from nora_edge.bundle import Bundle, format_quantized_validation
     from nora_edge.export.quantize import load_calibration_dir, quantize_bundle
 
     try:
         samples = load_calibration_dir(calibration) if calibration is not None else None
-        path = quantize_bundle(bundle, out, recipe, calibration=samples, overwrite=overwrite)
+        with warnings.catch_warnings():  # the validation lines below say it
+            warnings.filterwarnings("ignore", message="(accepted despite failure|.*written without fidelity)")
+            path = quantize_bundle(
+                bundle, out, recipe, calibration=samples, overwrite=overwrite, accept_degraded=accept_degraded
+            )
+        lines = format_quantized_validation(Bundle.load(path, verify=False).manifest["validation"])
     except NoraEdgeError as e:
         _fail(e)
+    typer.echo("\n".join(lines))
     typer.echo(f"bundle written: {path}")
 
 
@@ -131,6 +150,23 @@ def info(
     typer.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
 
+def run_json(actions, policy) -> dict:
+    """``run --json`` payload: actions, stage timings in milliseconds, token classes, providers, decoding mode."""
+    t = policy.last_timings
+    ms = {k: round(1e3 * v, 3) for k, v in t.items() if isinstance(v, float)}
+    ms["decode_steps"] = [round(1e3 * v, 3) for v in t["decode_steps"]]
+    out = policy.last_output
+    return {
+        "actions": actions.tolist(),
+        "timings_ms": ms,
+        "new_tokens": t["new_tokens"],
+        "token_classes": t["token_classes"],
+        "flagged": out.flagged,
+        "mode": out.mode,
+        "providers": t["providers"],
+    }
+
+
 @app.command()
 def run(
     bundle: Annotated[Path, typer.Argument(help="bundle directory")],
@@ -138,21 +174,33 @@ def run(
     instruction: Annotated[str, typer.Option(help="task instruction")],
     unnorm_key: Annotated[str | None, typer.Option(help="dataset key of the norm stats")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    allow_forced: Annotated[
+        bool,
+        typer.Option(
+            help="print a chunk holding tokens the model did not choose (flagged) instead of failing"
+        ),
+    ] = False,
 ) -> None:
     """Predict one action chunk (T, D) with the runtime."""
     from nora_edge.image_io import load_image
     from nora_edge.policy import NoraPolicy
 
     try:
-        policy = NoraPolicy.load(bundle)
+        policy = NoraPolicy.load(bundle, forced_tokens="flag" if allow_forced else "raise")
         actions = policy.predict_action_chunk(load_image(image), instruction, unnorm_key=unnorm_key)
     except NoraEdgeError as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps({"actions": actions.tolist(), "timings_ms": policy.last_timings}, indent=2))
+        typer.echo(json.dumps(run_json(actions, policy), indent=2))
     else:
         for t, row in enumerate(actions):
             typer.echo(f"t={t}: " + " ".join(f"{v:+.5f}" for v in row))
+        if policy.last_output.flagged:
+            typer.secho(
+                f"warning: tokens the model did not choose: {policy.last_output.class_counts}",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
 
 
 @app.command()
@@ -193,6 +241,10 @@ def bench(
         bool, typer.Option(help="automaton-constrained decoding (runtime default)")
     ] = True,
     plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
+    baseline7b: Annotated[
+        Path | None,
+        typer.Option(help="baseline7b.json (python -m nora_edge.bench.baseline7b): the 7B host measurement"),
+    ] = None,
 ) -> None:
     """Benchmark a bundle: per-stage latency, p99, jitter, deadline misses, memory; optional CI gate."""
     from nora_edge.bench.run import run_bench
@@ -213,6 +265,7 @@ def bench(
             unnorm_key=unnorm_key,
             constrained=constrained,
             plots=plots,
+            baseline7b=baseline7b,
         )
     except NoraEdgeError as e:
         _fail(e)
@@ -226,7 +279,7 @@ def bench(
     if gate is not None:
         from nora_edge.bench.gate import GateResult
 
-        verdict = GateResult(gate["ok"], gate["max_regression"], gate["rows"])
+        verdict = GateResult.from_json(gate)
         typer.echo(verdict.text())
         if not verdict.ok:
             raise typer.Exit(1)

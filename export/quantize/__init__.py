@@ -9,7 +9,8 @@ Modules: ``recipes`` (dataclasses + registry), ``graph`` (load/save, Gemm->MatMu
 ``stream`` (int8 dynamic and n-bit RTN, one weight in memory at a time: every built-in CPU recipe),
 ``fp16`` (FP32 islands), ``int8`` (dynamic with Conv/Gather, QDQ), ``weight_only`` (MatMulNBits via
 onnxruntime's quantizer: hqq), ``embeddings``, ``apply`` (one graph: picks streaming or in-memory),
-``calibration`` (samples -> feeds), ``bundle_quant`` (fp32 bundle -> quantized bundle with its fidelity
+``calibration`` (samples -> feeds), ``thresholds`` (per-recipe fidelity thresholds and the gate that checks
+a fidelity report against them), ``bundle_quant`` (fp32 bundle -> quantized bundle with its gated fidelity
 report: the entry point for ``export_bundle(precision=...)``).
 
 Memory: the streaming recipes hold one weight at a time; fp16, int8-qdq and hqq load the whole graph into
@@ -34,9 +35,15 @@ from .recipes import (
     get_recipe,
     list_recipes,
 )
+from .thresholds import GATE_METRICS, FidelityGateError, FidelityThresholds, MetricCheck, check_fidelity
 
 __all__ = [
     "COMPONENTS",
+    "GATE_METRICS",
+    "FidelityGateError",
+    "FidelityThresholds",
+    "MetricCheck",
+    "check_fidelity",
     "BundleRecipe",
     "CalibrationSample",
     "EmbeddingRecipe",

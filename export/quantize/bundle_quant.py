@@ -1,11 +1,14 @@
-"""fp32 bundle -> quantized bundle, with calibration from the fp32 graphs and a fidelity report.
+"""fp32 bundle -> quantized bundle, with calibration from the fp32 graphs and a gated fidelity report.
 
 Data flow: fp32 bundle --:func:`record_feeds` (calibration samples through NoraPolicy, CPU)--> feeds per graph
 --:func:`apply_recipe` per graph (vision, decoder with its head)--> quantized graphs; embeddings table ->
 recipe dtype; every other bundle file copied -> hidden temp bundle (manifest: per-component precision and a
-``quantization`` section with each :class:`QuantResult`) --:func:`fidelity_report` vs the fp32 bundle on
-held-out samples--> final bundle = temp files moved + ``fidelity_report.json`` / ``.md``, manifest last,
-atomic rename to ``out``. The fp32 bundle is never modified.
+``quantization`` section with each :class:`QuantResult`; its ``validation`` is never the fp32 export's)
+--:func:`fidelity_report` vs the fp32 bundle on held-out samples--> :func:`check_fidelity` against the
+recipe's :class:`FidelityThresholds` --> a failed metric raises :class:`FidelityGateError` (nothing at
+``out``) unless ``accept_degraded`` --> final bundle = temp files moved + ``fidelity_report.json`` / ``.md``,
+manifest (``validation``: the quantized bundle's own numbers, thresholds, pass/fail, the fp32 source's name
+and manifest sha256) last, atomic rename to ``out``. The fp32 bundle is never modified.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,13 +24,14 @@ import numpy as np
 
 from nora_edge import bundle as B
 from nora_edge.bundle import Bundle, ComponentSpec
-from nora_edge.errors import ExportError
-from nora_edge.export.bundle_writer import BundleWriter
+from nora_edge.errors import ExportError, InputError
+from nora_edge.export.bundle_writer import BundleWriter, check_target
 
 from .apply import apply_recipe
 from .calibration import CalibrationSample, record_feeds, synthetic_samples
 from .embeddings import quantize_embedding_table
 from .recipes import BundleRecipe, get_recipe
+from .thresholds import VALIDATION_KIND, FidelityGateError, check_fidelity, gate_message, validation_section
 
 _EMB_DTYPE = {"fp32": "float32", "fp16": "float16"}
 _MANAGED = ("schema_version", "nora_edge_version", "files")
@@ -59,6 +64,15 @@ def check_source(src: Bundle, recipe: BundleRecipe) -> None:
         )
 
 
+def source_identity(src: Bundle) -> dict:
+    """The fp32 bundle a quantized one was made from: directory name and manifest sha256 (provenance)."""
+    return {
+        "bundle": src.path.name,
+        "manifest_sha256": B.sha256_file(src.path / B.MANIFEST),
+        "precision": "fp32",
+    }
+
+
 def quantize_bundle(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -71,41 +85,55 @@ def quantize_bundle(
     seed: int = 0,
     unnorm_key: str | None = None,
     overwrite: bool = False,
+    accept_degraded: bool = False,
 ) -> Path:
-    """Write a quantized copy of an fp32 bundle.
+    """Write a quantized copy of an fp32 bundle, gated by the recipe's fidelity thresholds.
 
     Args:
         src: fp32 bundle directory.
         out: bundle directory to create.
-        recipe: registry name or :class:`BundleRecipe`.
+        recipe: registry name or :class:`BundleRecipe` (its ``fidelity`` holds the thresholds).
         calibration: calibration samples (default: ``n_calibration`` synthetic frames, seed ``seed``).
-        held_out: fidelity samples (default: ``n_fidelity`` synthetic frames, seed ``seed + 1``; 0 skips).
+        held_out: fidelity samples (default: ``n_fidelity`` synthetic frames, seed ``seed + 1``; 0 measures
+            nothing, which needs ``accept_degraded``).
         unnorm_key: norm-stats key for the runs (default: the first key).
-        overwrite: replace an existing bundle at ``out``.
+        overwrite: replace an existing bundle at ``out`` (a failed gate leaves the existing one untouched).
+        accept_degraded: write the bundle even when a metric misses its threshold (or nothing was measured);
+            its manifest ``validation`` then says ``accepted_despite_failure`` and lists the failed metrics.
 
     Returns:
         ``out`` (loads with ``NoraPolicy.load``).
 
     Raises:
+        FidelityGateError: (an ExportError) a metric missed its threshold; names metric and component; nothing
+            is written at ``out``.
         ExportError: non-fp32 source, unsupported option, a failed recipe or parity check.
+        InputError: no held-out samples without ``accept_degraded``.
     """
     src_b = Bundle.load(src)
     r = get_recipe(recipe)
     check_source(src_b, r)
     out = Path(out)
+    check_target(out, overwrite=overwrite)
     samples = list(calibration) if calibration is not None else synthetic_samples(n_calibration, seed)
     if held_out is not None:
         held = list(held_out)
     else:
         held = synthetic_samples(n_fidelity, seed + 1) if n_fidelity else []
+    if not held and not accept_degraded:
+        raise InputError(
+            f"quantize {out}: no held-out samples, so the quantized bundle's fidelity cannot be measured; give "
+            "held-out samples (n_fidelity >= 1) or pass accept_degraded=True to write it unvalidated"
+        )
+    source = source_identity(src_b)
     key = unnorm_key if unnorm_key is not None else sorted(src_b.norm_stats)[0]
     feeds = record_feeds(src_b.path, samples, unnorm_key=key)
     tmp = out.parent / f".{out.name}.quant-{secrets.token_hex(4)}"
     try:
-        sections = _write_quantized(src_b, tmp, r, feeds, len(samples))
+        sections = _write_quantized(src_b, tmp, r, feeds, len(samples), source)
         report = None
         if held:
-            from nora_edge.export.fidelity import fidelity_report
+            from nora_edge.export.fidelity import REPORT_JSON, fidelity_report
 
             report = fidelity_report(
                 src_b.path,
@@ -114,12 +142,31 @@ def quantize_bundle(
                 unnorm_key=key,
                 labels=(f"{src_b.path.name} (fp32)", f"{out.name} ({r.name})"),
             )
-        return _finalize(tmp, out, sections, report, overwrite)
+            checks = check_fidelity(r.fidelity, report["aggregates"])
+            validation = validation_section(
+                checks, report["aggregates"], recipe=r.name, source=source, accepted=accept_degraded,
+                report=REPORT_JSON,
+            )  # fmt: skip
+            report["validation"] = validation
+            failures = [c for c in checks if c.passed is False]
+            if failures:
+                message = gate_message(str(out), r.name, src_b.path.name, len(held), failures)
+                if not accept_degraded:
+                    raise FidelityGateError(message, failures=failures, validation=validation, report=report)
+                warnings.warn(f"accepted despite failure: {message}", UserWarning, stacklevel=2)
+        else:
+            validation = validation_section(
+                None, None, recipe=r.name, source=source, accepted=True, report=None
+            )
+            warnings.warn(f"{out}: written without fidelity validation (accepted)", UserWarning, stacklevel=2)
+        return _finalize(tmp, out, {**sections, "validation": validation}, report, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_quantized(src: Bundle, tmp: Path, r: BundleRecipe, feeds: dict, n_samples: int) -> dict:
+def _write_quantized(
+    src: Bundle, tmp: Path, r: BundleRecipe, feeds: dict, n_samples: int, source: dict
+) -> dict:
     """Quantize graphs + embeddings into a committed bundle at ``tmp``; return its manifest sections."""
     manifest = src.manifest
     with BundleWriter(tmp) as w:
@@ -144,9 +191,12 @@ def _write_quantized(src: Bundle, tmp: Path, r: BundleRecipe, feeds: dict, n_sam
                 w.copy_file(rel, src.path / rel)
         sections = {k: v for k, v in manifest.items() if k not in _MANAGED}
         sections["components"] = comps
+        # the fp32 export's validation describes the fp32 graphs, not these: never carried over
+        sections["validation"] = {"kind": VALIDATION_KIND, "status": "pending", "passed": False}
         sections["quantization"] = {
             "recipe": r.describe(),
             "source_bundle": src.path.name,
+            "source_manifest_sha256": source["manifest_sha256"],
             "calibration": {"samples": n_samples, **{k: len(v) for k, v in feeds.items()}},
             "components": results,
             "embeddings": {"dtype": stored.dtype, "bytes": stored.nbytes},

@@ -126,6 +126,10 @@ class RecordingSession:
         self.outputs: list[dict[str, np.ndarray]] = []
         self.record_feeds = True
 
+    def __getattr__(self, name: str):
+        # anything else the runtime reads from a session (providers, ...) is the wrapped session's
+        return getattr(self.__dict__["inner"], name)
+
     def run(self, feeds, fetch=None, keep=frozenset()):
         out = self.inner.run(feeds, fetch, keep)
         if self.record_feeds:
@@ -168,19 +172,22 @@ def record_feeds(
     Raises:
         InputError: no samples.
     """
+    from nora_edge.export.fidelity_runs import quiet_flagged_chunks
     from nora_edge.policy import NoraPolicy
 
     samples = list(samples)
     if not samples:
         raise InputError("record_feeds: no calibration samples")
-    policy = NoraPolicy.load(bundle_path, providers="cpu", verify=False)
+    # "flag": calibration records what the graphs see, including chunks the runtime's default would refuse
+    policy = NoraPolicy.load(bundle_path, providers="cpu", verify=False, forced_tokens="flag")
     vision, decoder = attach_recorders(policy)
     key = unnorm_key if unnorm_key is not None else sorted(policy.bundle.norm_stats)[0]
     prefills, steps = [], []
-    for s in progress_iter(samples, "calibration: running the fp32 bundle", len(samples)):
-        start = len(decoder.feeds)
-        policy.run_chunk(s.image, s.instruction, key)
-        prefills.append(decoder.feeds[start])
-        steps.extend(decoder.feeds[start + 1 :])
+    with quiet_flagged_chunks():
+        for s in progress_iter(samples, "calibration: running the fp32 bundle", len(samples)):
+            start = len(decoder.feeds)
+            policy.run_chunk(s.image, s.instruction, key)
+            prefills.append(decoder.feeds[start])
+            steps.extend(decoder.feeds[start + 1 :])
     room = max(max_decoder_feeds - len(prefills), 0)
     return {"vision": vision.feeds, "decoder": prefills + (thin(steps, room) if room else [])}

@@ -354,9 +354,12 @@ def test_registry_lists_named_frozen_recipes():
     )
     for r in recipes:
         assert get_recipe(r.name) is r and r.description
-        assert set(r.describe()) == {"name", "description", "vision", "decoder", "action_head", "embeddings"}
+        keys = {"name", "description", "vision", "decoder", "action_head", "embeddings", "fidelity"}
+        assert set(r.describe()) == keys
         with pytest.raises(AttributeError):
             r.name = "other"  # frozen
+        with pytest.raises(AttributeError):
+            r.fidelity.decoder_logits_cosine_mean = 0.0  # frozen thresholds too
     mixed = get_recipe("mixed")
     assert isinstance(mixed.decoder, WeightOnlyRecipe) and isinstance(mixed.action_head, Int8DynamicRecipe)
     assert mixed.precision("decoder") == "int4-rtn-b32+head-int8"
