@@ -38,7 +38,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 # --- CI latency/memory gate: tiny NORA-Long bundle, normalized by an in-run yardstick (< 1 min) ------------
-CI_BENCH = $(VENV)/bin/nora-edge bench $(OUT)/ci/bundle --steps 200 --warmup 20 --threads 1 --no-plots --out $(OUT)/ci/bench --against bench/baselines/ci.json
+# a stage over the limit is re-measured (rounds of 50 more steps, up to 30 s) and fails only if it reproduces;
+# the baseline is the per-metric median of CI_BASELINE_RUNS fresh bench processes (one process sits a few % off)
+CI_RUN = $(VENV)/bin/nora-edge bench $(OUT)/ci/bundle --steps 200 --warmup 20 --threads 1 --no-plots
+CI_BENCH = $(CI_RUN) --out $(OUT)/ci/bench --against bench/baselines/ci.json
+CI_BASELINE_RUNS ?= 5
 
 $(OUT)/ci/bundle: $(STAMP)
 	rm -rf $(OUT)/ci
@@ -49,7 +53,9 @@ bench-ci: $(OUT)/ci/bundle
 	$(CI_BENCH) --max-regression 0.15
 
 bench-ci-baseline: $(OUT)/ci/bundle
-	$(CI_BENCH) --update-baseline
+	rm -rf $(OUT)/ci/baseline-run-*
+	for i in $$(seq $(CI_BASELINE_RUNS)); do $(CI_RUN) --out $(OUT)/ci/baseline-run-$$i || exit 1; done
+	$(PY) -m nora_edge.bench.gate $(OUT)/ci/baseline-run-*/report.json --against bench/baselines/ci.json --update-baseline
 
 # --- scale runs: a person runs these, never CI (they write ~7.5 GB and take long) ---------------------
 # each step is skipped when its output already exists (a checkpoint dir, a bundle's manifest)
@@ -63,10 +69,11 @@ export-real: fixture-real
 	test -f $(OUT)/bundle-real-fp32/manifest.json || /usr/bin/time -v $(VENV)/bin/nora-edge export $(REAL) --out $(OUT)/bundle-real-fp32 --precision fp32 2> $(OUT)/export-real.time
 	-grep -E "Maximum resident|Elapsed" $(OUT)/export-real.time
 
+# random real-shape weights miss the int8/int4 fidelity gates (as they should): --accept-degraded, recorded in the manifest
 # quantization streams one weight at a time (int8 and int4 ~4 min each, peak RSS 13.7 GiB, on a 2-core 24 GB machine).
 # BENCH_THREADS=1 gives steady timings on a shared 2-vCPU VM (2 threads: medians up to 3x the fastest run)
 bench-real: export-real
-	for p in int8 int4; do test -f $(OUT)/bundle-real-$$p/manifest.json || /usr/bin/time -v $(VENV)/bin/nora-edge quantize $(OUT)/bundle-real-fp32 --out $(OUT)/bundle-real-$$p --recipe $$p 2> $(OUT)/quant-real-$$p.time || exit 1; done
+	for p in int8 int4; do test -f $(OUT)/bundle-real-$$p/manifest.json || /usr/bin/time -v $(VENV)/bin/nora-edge quantize $(OUT)/bundle-real-fp32 --out $(OUT)/bundle-real-$$p --recipe $$p --accept-degraded 2> $(OUT)/quant-real-$$p.time || exit 1; done
 	$(PY) -m nora_edge.bench.baseline7b $(OUT)/bench-real-baseline7b
 	for b in fp32 int8 int4; do $(VENV)/bin/nora-edge bench $(OUT)/bundle-real-$$b --steps 10 --warmup 2 $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) --out $(OUT)/bench-real-$$b || exit 1; done
 	$(PY) -m nora_edge.bench.summary $(OUT)

@@ -73,6 +73,12 @@ def export_cmd(
         Path | None, typer.Option(help="folder of images + instructions.jsonl for calibrated recipes")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    accept_degraded: Annotated[
+        bool,
+        typer.Option(
+            help="quantized precisions: write the bundle even if it misses the recipe's fidelity thresholds"
+        ),
+    ] = False,
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -89,6 +95,7 @@ def export_cmd(
             report=report,
             calibration=calibration,
             overwrite=overwrite,
+            accept_degraded=accept_degraded,
         )
     except NoraEdgeError as e:
         _fail(e)
