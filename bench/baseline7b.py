@@ -6,6 +6,8 @@ and on ``host`` (microbenchmarked) -> prediction rows. Host measurement: ``layer
 (prefill-sized and decode-sized), one ViT block per attention kind, the extra linears and the output head at real
 dims -> timed with ORT -> multiplied by the layer counts -> per-stage "measured (extrapolated from one layer)"
 next to the host prediction. Output: ``baseline7b.json`` + ``baseline7b.md`` (atomic writes).
+:func:`bench_section` is the OpenVLA-7B part every ``nora-edge bench`` report carries (one row per profile; the
+host row adds a ``baseline7b.json`` measurement when one is passed).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from nora_edge.atomic import read_json_object
 from nora_edge.bench import layers
 from nora_edge.bench.calibrate import calibrate_efficiency
 from nora_edge.bench.microbench import HostMeasurement, host_profile, measure_host
@@ -26,12 +29,14 @@ from nora_edge.bench.roofline import (
     predict_inference,
     weight_footprint_bytes,
 )
+from nora_edge.errors import InputError
 from nora_edge.profiles import DeviceProfile, list_profiles, load_profile
 
 DEVICE_PLANS = ("fp16", "int8", "int4")
 HOST_PLANS = ("fp32", "int8", "int4")
 CONTROL_HZ = 25
 EXTRAPOLATED = "extrapolated from one layer"
+OPENVLA = "OpenVLA-7B"
 
 
 def specs() -> list[VlaSpec]:
@@ -161,6 +166,89 @@ def host_comparison(spec: VlaSpec, precision: str, measurement: HostMeasurement,
     meas = measure_extrapolated(spec, precision, measurement.threads or None, reps)
     err = {s: pred["stages"][s] / meas["stages"][s] - 1 for s in STAGES}
     return {"model": spec.name, "precision": precision, "predicted": pred, "measured": meas, "error": err}
+
+
+def read_host_measurement(path: str | Path) -> dict[str, dict]:
+    """OpenVLA-7B host measurements from a ``baseline7b.json`` (``make bench-real``): {precision: row}.
+
+    Raises:
+        InputError: the file is missing, not JSON, or its ``host_comparison`` rows lack the fields used here.
+    """
+    path = Path(path)
+    data = read_json_object(path, InputError)
+    rows = data.get("host_comparison")
+    if not isinstance(rows, list):
+        raise InputError(
+            f"{path}: field 'host_comparison' must be a list (written by nora_edge.bench.baseline7b)"
+        )
+    out = {}
+    for i, row in enumerate(rows):
+        try:
+            if row["model"] != OPENVLA:
+                continue
+            out[str(row["precision"])] = {
+                "e2e_ms": float(row["measured"]["e2e_ms"]),
+                "predicted_e2e_ms": float(row["predicted"]["e2e_ms"]),
+                "label": str(row["measured"].get("label", EXTRAPOLATED)),
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(
+                f"{path}: host_comparison[{i}] lacks model/precision/measured.e2e_ms ({e!r})"
+            ) from e
+    return out
+
+
+def bench_section(
+    host: DeviceProfile,
+    measured: str | Path | None = None,
+    bundle_actions_per_s: dict[str, float | None] | None = None,
+) -> dict:
+    """The 7B baseline section of a ``nora-edge bench`` report: OpenVLA-7B on every profile, one row each.
+
+    Args:
+        host: this machine's measured profile (the bench's own microbenchmark).
+        measured: a ``baseline7b.json`` whose OpenVLA-7B host rows (one layer of each kind timed, multiplied
+            out) go into the host row; None: predictions only (the measurement takes minutes and GBs).
+        bundle_actions_per_s: the benched bundle's actions/s per profile (host measured, devices predicted),
+            shown next to OpenVLA-7B.
+
+    Returns:
+        {"model", "rows": [{"profile", "measured_profile", "plans": {plan: {e2e_ms, actions_per_s, memory_gb,
+        fits, meets_25hz}}, "host_measured": {precision: {...}} or None, "bundle_actions_per_s",
+        "bundle_over_openvla_int4"}], "measured_from", "note"}. Rows follow ``list_profiles()`` order.
+    """
+    spec = openvla_7b()
+    host_rows = read_host_measurement(measured) if measured is not None else None
+    speeds = bundle_actions_per_s or {}
+    rows = []
+    for name in list_profiles():
+        prof = host if name == "host" else load_profile(name)
+        plans = HOST_PLANS if prof.measured else DEVICE_PLANS
+        preds = prediction_rows([spec], [prof], plans)
+        own = speeds.get(name)
+        int4 = next(p for p in preds if p["plan"] == "int4")
+        rows.append(
+            {
+                "profile": name,
+                "measured_profile": bool(prof.measured),
+                "plans": {
+                    p["plan"]: {
+                        k: p[k] for k in ("e2e_ms", "actions_per_s", "memory_gb", "fits", "meets_25hz")
+                    }
+                    for p in preds
+                },
+                "host_measured": host_rows if name == "host" else None,
+                "bundle_actions_per_s": own,
+                "bundle_over_openvla_int4": own / int4["actions_per_s"] if own else None,
+            }
+        )
+    return {
+        "model": OPENVLA,
+        "rows": rows,
+        "measured_from": str(measured) if measured is not None else None,
+        "note": "roofline predictions (nora_edge.bench.baseline7b) of OpenVLA-7B, one action per inference; "
+        "the host row uses this run's measured peaks",
+    }
 
 
 def run_baseline(

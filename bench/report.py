@@ -62,7 +62,7 @@ def baseline_markdown(res: dict) -> str:
         f"{h['nora_long_int4_actions_per_s']:.1f} actions/s. 25 Hz control with 5-action chunks needs <= 200 ms "
         f"per inference: it {verdict} that [prediction].",
         f"- OpenVLA-7B: {h['openvla_int4_ms']:.0f} ms per action -> {h['openvla_int4_actions_per_s']:.2f} actions/s "
-        "(measured reference: 336 ms/action with MLC INT4, NORA_FACTS).",
+        "(measured reference: 336 ms/action with MLC INT4 on AGX Orin 64GB, Jetson AI Lab OpenVLA tutorial).",
         f"- NORA-Long delivers {h['actions_per_s_ratio']:.1f}x the actions/s of OpenVLA-7B; OpenVLA-7B needs "
         f"{h['memory_ratio_openvla_over_nora']:.2f}x the memory ({h['openvla_memory_gb']:.2f} GB vs "
         f"{h['nora_long_memory_gb']:.2f} GB, weights + KV cache).",
@@ -156,6 +156,66 @@ def baseline_markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def token_rates_text(kind: dict) -> str:
+    """Repaired / forced_continue rates of one policy kind, per token and per chunk."""
+    if kind.get("repaired_rate") is None:
+        return "n/a (no constrained decoding)"
+    return (
+        f"repaired {_pct(kind['repaired_rate'])} of tokens ({_pct(kind['repaired_chunk_rate'])} of chunks), "
+        f"forced_continue {_pct(kind['forced_rate'])} of tokens ({_pct(kind['forced_chunk_rate'])} of chunks)"
+    )
+
+
+def baseline7b_markdown(sec: dict) -> list[str]:
+    """The OpenVLA-7B section of report.md: one row per profile."""
+    out = [
+        f"## 7B baseline: {sec['model']} on every profile",
+        "",
+        "Roofline predictions, ms per action (one action per inference); float = fp16 on the devices, fp32 on "
+        "this host. This bundle's actions/s: measured on the host, predicted from its graphs on the devices.",
+        "",
+    ]
+    rows = []
+    for r in sec["rows"]:
+        plans = r["plans"]
+        flt = plans.get("fp16") or plans.get("fp32")
+        meas = (r.get("host_measured") or {}).get("int4")
+        own, ratio = r.get("bundle_actions_per_s"), r.get("bundle_over_openvla_int4")
+        rows.append(
+            [
+                r["profile"],
+                flt["e2e_ms"],
+                plans["int8"]["e2e_ms"],
+                plans["int4"]["e2e_ms"],
+                plans["int4"]["actions_per_s"],
+                plans["int4"]["memory_gb"],
+                plans["int4"]["fits"],
+                plans["int4"]["meets_25hz"],
+                meas["e2e_ms"] if meas else ("not measured" if r["profile"] == "host" else "n/a"),
+                own if own is not None else "n/a",
+                f"{ratio:.1f}x" if ratio else "n/a",
+            ]
+        )
+    header = ["profile", "float ms", "int8 ms", "int4 ms", "int4 actions/s", "int4 mem GB", "fits", "25 Hz"]
+    out.append(table([*header, "host measured int4 ms", "this bundle actions/s", "vs 7B int4"], rows))
+    src = sec.get("measured_from")
+    out += [
+        "",
+        f"Host measurement: {EXTRAPOLATED_NOTE} from `{src}`."
+        if src
+        else "Host measurement: none passed (`nora-edge bench --baseline7b out/baseline7b/baseline7b.json`, "
+        "written by `python -m nora_edge.bench.baseline7b`; minutes and GBs, never CI).",
+    ]
+    return out
+
+
+EXTRAPOLATED_NOTE = "one real-size layer of each kind timed and multiplied out"
+
+
 def bench_markdown(res: dict) -> str:
     """The bench-run report (``report.md``)."""
     rt, cfg, b = res["runtime"], res["config"], res["bundle"]
@@ -166,6 +226,11 @@ def bench_markdown(res: dict) -> str:
         f"Bundle `{b['path']}` ({b['size_bytes'] / 1e6:.1f} MB; precision {b['precision']}; horizon {b['horizon']}; "
         f"{b['head']} head). {cfg['steps']} steps after {cfg['warmup']} warmup, threads {cfg['threads'] or 'default'}.",
         "",
+        f"- decoding: {cfg.get('mode', 'n/a')}; forced tokens: {cfg.get('forced_tokens', 'n/a')} (chunks the model "
+        "did not fully choose are timed and counted)",
+        "- execution providers: "
+        + "; ".join(f"{g}: {', '.join(p)}" for g, p in (cfg.get("providers") or {}).items()),
+        "",
         "## Headline",
         "",
         f"- median {e['median']:.2f} ms per inference (p99 {e['p99']:.2f}, jitter p99-p50 {e['jitter_ms']:.2f} ms) -> "
@@ -173,7 +238,8 @@ def bench_markdown(res: dict) -> str:
         f"- {cfg['hz']} Hz control with {b['horizon']}-action chunks: deadline {e['deadline_ms']:.0f} ms, "
         f"missed by {100 * e['deadline_miss_rate']:.1f}% of inferences",
         f"- tokens per chunk (median): {rt['tokens_per_chunk']['median'] if rt['tokens_per_chunk'] else 'n/a'}; "
-        f"malformed: {100 * rt['malformed_rate']:.1f}%",
+        f"malformed: {100 * rt['malformed_rate']:.1f}% of chunks",
+        f"- tokens the model did not choose: {token_rates_text(rt)}",
         f"- memory: policy RSS {res['memory']['policy_rss_mb'] or float('nan'):.0f} MB, peak RSS "
         f"{res['memory']['rss_peak_mb']:.0f} MB",
     ]
@@ -229,6 +295,8 @@ def bench_markdown(res: dict) -> str:
         out.append(
             table(["profile", *stages], [[p, *[v[s] for s in stages]] for p, v in r["profiles"].items()])
         )
+    if res.get("baseline7b"):
+        out += ["", *baseline7b_markdown(res["baseline7b"])]
     if res.get("gate"):
         out += ["", "## CI gate", "", "```", res["gate"]["text"], "```"]
     if res.get("files"):

@@ -1,66 +1,64 @@
 """``nora-edge bench``: time a bundle on this machine, optionally side by side with the PyTorch reference.
 
-Data flow: bundle dir -> NoraPolicy (ORT) [+ ReferencePolicy on the checkpoint, imported lazily] -> microbench
-(host peaks) -> warmup -> ``steps``
-interleaved inferences on the same deterministic images (runtime and reference alternate who goes first) ->
-per-stage samples from ``NoraPolicy.last_timings`` + wall-clock e2e + RSS + one yardstick sample per step
-(``microbench.Yardstick``, the gate's ``unit_ms``) -> statistics (``stats``), speedups,
-roofline of the bundle's graphs on every profile (``bundle_cost``) -> optional CI gate (``gate``) ->
-report.json, report.md and PNG plots in ``out`` (atomic writes).
+Data flow: bundle dir -> NoraPolicy (ORT, ``forced_tokens="flag"``: chunks the model did not fully choose are
+timed and counted, not refused) [+ ReferencePolicy on the checkpoint, imported lazily] -> microbench (host
+peaks) -> warmup -> ``steps`` interleaved inferences on the same deterministic images (runtime and reference
+alternate who goes first) -> per-stage samples from ``NoraPolicy.last_timings`` + wall-clock e2e + RSS + token
+classes + one yardstick sample per step (``microbench.Yardstick``, the gate's ``unit_ms``) -> statistics
+(``stats``), malformed / repaired / forced_continue rates, speedups, roofline of the bundle's graphs on every
+profile (``bundle_cost``), OpenVLA-7B on every profile (``baseline7b.bench_section``) -> optional CI gate
+(``gate.confirm``: a suspected stage regression is re-measured with more steps of the same loop before it
+counts) -> report.json, report.md and PNG plots in ``out`` (atomic writes).
 """
 
 from __future__ import annotations
 
-import os
+import gc
 import resource
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nora_edge.bench import gate as G
-from nora_edge.bench.bundle_cost import bundle_stage_costs, predict_bundle
+from nora_edge.bench.baseline7b import bench_section as baseline7b_section
+from nora_edge.bench.baseline7b import read_host_measurement
 from nora_edge.bench.microbench import Yardstick, host_profile, measure_host
 from nora_edge.bench.report import bench_markdown, write_json_atomic, write_text_atomic
-from nora_edge.bench.stats import deadline_miss_rate, jitter_ms, summarize
-from nora_edge.errors import DetokenizationError, InputError
-from nora_edge.profiles import list_profiles, load_profile
+from nora_edge.bench.sections import bundle_actions_per_s, bundle_section, host_profile_json, roofline_section
+from nora_edge.bench.steps import (
+    N_IMAGES,
+    Recorder,
+    StepLoop,
+    bench_images,
+    flag_warnings_counted,
+    rss_mb,
+    run_reference_step,
+    run_runtime_step,
+    summarize_kind,
+)
+from nora_edge.errors import InputError
 
 DEFAULT_INSTRUCTION = "pick up the black bowl and place it on the plate"
-STAGES = ("preprocess", "vision", "prefill", "decode_step", "decode", "detokenize")
-N_IMAGES = 4
 
 
-def bench_images(n: int, seed: int, size: int = 224) -> list[np.ndarray]:
-    """``n`` deterministic (size, size, 3) uint8 frames: smooth colour gradients plus noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size  # (size, size)
-    out = []
-    for _ in range(n):
-        base = np.stack(
-            [np.sin(6.28 * (rng.random() * xx + rng.random() * yy) + rng.random() * 6.28) for _ in range(3)],
-            axis=-1,
-        )  # (size, size, 3)
-        img = 127.5 * (base + 1) + rng.normal(0, 12, (size, size, 3))
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
+def _is_number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MB (psutil, from the bench extra)."""
-    try:
-        import psutil
-    except ImportError as e:
-        raise InputError("the bench needs psutil: pip install 'nora-edge[bench]'") from e
-    return psutil.Process(os.getpid()).memory_info().rss / 1e6
-
-
-def check_args(steps: int, warmup: int, hz: float, max_regression: float) -> None:
-    for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0)):
+def check_args(
+    steps: int,
+    warmup: int,
+    hz: float,
+    max_regression: float,
+    confirm_steps: int = 1,
+    confirm_seconds: float = 0,
+) -> None:
+    for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0), ("confirm_steps", confirm_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise InputError(f"{name} must be an int >= {lo}, got {v!r}")
-    if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not hz > 0:
+    if not _is_number(hz) or not hz > 0:
         raise InputError(f"hz must be a positive number, got {hz!r}")
+    if not _is_number(confirm_seconds) or not confirm_seconds >= 0:
+        raise InputError(f"confirm_seconds must be a number >= 0, got {confirm_seconds!r}")
     if (
         isinstance(max_regression, bool)
         or not isinstance(max_regression, (int, float))
@@ -81,45 +79,6 @@ def load_reference(reference: str | Path, horizon: int, threads: int | None, qua
     return ReferencePolicy.from_pretrained(reference, time_horizon=horizon, quantization=quantization)
 
 
-class _Recorder:
-    """Per-step samples of one policy kind."""
-
-    def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {s: [] for s in (*STAGES, "e2e")}
-        self.tokens: list[int] = []
-        self.malformed = 0
-        self.errors: list[str] = []
-
-
-def run_runtime_step(policy, image, instruction: str, unnorm_key: str | None, rec: _Recorder) -> None:
-    """One runtime inference; a DetokenizationError is counted as malformed (its actions are never used)."""
-    t0 = time.perf_counter()
-    try:
-        policy.run_chunk(image, instruction, unnorm_key)
-    except DetokenizationError as e:
-        rec.malformed += 1
-        rec.errors.append(str(e)[:200])
-        rec.samples["e2e"].append(1e3 * (time.perf_counter() - t0))
-        return
-    rec.samples["e2e"].append(1e3 * (time.perf_counter() - t0))
-    lt = policy.last_timings
-    for s in ("preprocess", "vision", "prefill", "decode", "detokenize"):
-        rec.samples[s].append(1e3 * lt[s])
-    rec.samples["decode_step"].extend(1e3 * t for t in lt["decode_steps"])
-    rec.tokens.append(int(lt["new_tokens"]))
-
-
-def run_reference_step(ref, image, instruction: str, unnorm_key: str | None, rec: _Recorder) -> None:
-    """One reference inference (HF generate); a not-well-formed decode is counted as malformed."""
-    t0 = time.perf_counter()
-    res = ref.predict_action_chunk(image, instruction, unnorm_key)
-    rec.samples["e2e"].append(1e3 * (time.perf_counter() - t0))
-    rec.tokens.append(int(res.ids.size))
-    if not res.well_formed:
-        rec.malformed += 1
-        rec.errors.append(str(res.reason)[:200])
-
-
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None
@@ -129,27 +88,6 @@ def _progress(enabled: bool, total: int):
     bar.start()
     bar.add_task("steps", total=total)
     return bar
-
-
-def summarize_kind(rec: _Recorder, steps: int, horizon: int, deadline_ms: float) -> dict:
-    """Statistics of one policy kind's samples."""
-    stages = {s: summarize(v) for s, v in rec.samples.items() if v}
-    e2e = stages["e2e"]
-    return {
-        "stages": stages,
-        "e2e": {
-            **e2e,
-            "jitter_ms": jitter_ms(e2e),
-            "inferences_per_s": 1e3 / e2e["median"],
-            "actions_per_s": 1e3 / e2e["median"] * horizon,
-            "deadline_ms": deadline_ms,
-            "deadline_miss_rate": deadline_miss_rate(rec.samples["e2e"], deadline_ms),
-        },
-        "tokens_per_chunk": summarize(rec.tokens) if rec.tokens else None,
-        "malformed": rec.malformed,
-        "malformed_rate": rec.malformed / steps,
-        "errors": rec.errors[:5],
-    }
 
 
 def speedups(rt: dict, ref: dict) -> dict:
@@ -163,49 +101,23 @@ def speedups(rt: dict, ref: dict) -> dict:
     return out
 
 
-def roofline_section(policy, instruction: str, summary: dict, host, new_tokens: int) -> dict:
-    """Predicted vs measured per stage on the host, and predictions on every device profile."""
-    b = policy.bundle
-    grid = np.asarray([b.components["vision"].meta.get("grid_thw", [1, 16, 16])], dtype=np.int64)
-    prompt = policy.prompt.build(instruction, grid)
-    prefix = int(policy.prompt.prefix_ids.size)
-    costs = bundle_stage_costs(b, prompt.length, prefix, new_tokens, patches=int(np.prod(grid[0])))
-    profiles = [host] + [load_profile(n) for n in list_profiles() if n != "host"]
-    pred = predict_bundle(costs, profiles)
-    host_rows = {}
-    for stage, cost in costs.items():
-        measured = summary["stages"].get(stage, {}).get("median")
-        p = pred[host.name][stage]["ms"]
-        fastest = summary["stages"].get(stage, {}).get("min")
-        host_rows[stage] = {
-            "predicted_ms": p,
-            "measured_ms": measured,
-            "measured_min_ms": fastest,
-            "error": (p / measured - 1) if measured else None,
-            "error_vs_min": (p / fastest - 1) if fastest else None,
-            "achieved_gflops": cost.flops / measured / 1e6 if measured else None,
-            **cost.summary(),
-        }
-    return {
-        "prompt_tokens": prompt.length,
-        "cached_prefix_tokens": prefix,
-        "new_tokens": new_tokens,
-        "host": host_rows,
-        "profiles": {name: {s: v["ms"] for s, v in st.items()} for name, st in pred.items()},
-    }
+def load_policy(bundle, policy, threads: int | None, constrained: bool):
+    """(policy, load RSS MB or None): load ``bundle`` with ``forced_tokens="flag"``, or check a given policy."""
+    if policy is not None:
+        rule = getattr(policy, "forced_tokens", None)
+        if getattr(rule, "mode", None) != "flag":
+            raise InputError(
+                "run_bench needs a policy loaded with forced_tokens='flag' (it times chunks the model did not "
+                f"fully choose and counts their tokens), got forced_tokens={getattr(rule, 'mode', None)!r}"
+            )
+        return policy, None
+    from nora_edge.policy import NoraPolicy
 
-
-def bundle_section(bundle) -> dict:
-    files = bundle.manifest["files"]
-    return {
-        "path": str(bundle.path),
-        "size_bytes": int(sum(int(f["size"]) for f in files.values())),
-        "precision": {k: c.precision for k, c in bundle.components.items()},
-        "head": bundle.actions.head,
-        "horizon": bundle.codec.time_horizon,
-        "action_dim": bundle.codec.action_dim,
-        "decoder": {k: bundle.components["decoder"].meta.get(k) for k in ("num_layers", "hidden_size")},
-    }
+    if bundle is None:
+        raise InputError("run_bench needs a bundle directory or a loaded policy")
+    before = rss_mb()
+    policy = NoraPolicy.load(bundle, threads=threads, constrained=constrained, forced_tokens="flag")
+    return policy, rss_mb() - before
 
 
 def run_bench(
@@ -220,12 +132,15 @@ def run_bench(
     against: str | Path | None = None,
     max_regression: float = 0.15,
     update_baseline: bool = False,
+    confirm_seconds: float = G.CONFIRM_SECONDS,
+    confirm_steps: int = G.CONFIRM_STEPS,
     threads: int | None = None,
     unnorm_key: str | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
     seed: int = 0,
     policy=None,
     constrained: bool = True,
+    baseline7b: str | Path | None = None,
     roofline: bool = True,
     plots: bool = True,
     progress: bool = True,
@@ -242,107 +157,101 @@ def run_bench(
         against: baseline JSON for the CI gate (compared after the run; see ``gate``).
         max_regression: allowed fractional slowdown (and memory growth) against the baseline.
         update_baseline: write this run as the new baseline at ``against``.
+        confirm_seconds / confirm_steps: a stage over the limit is re-measured in rounds of ``confirm_steps``
+            more steps for up to ``confirm_seconds`` before the gate fails (0: fail on the first pass).
         threads: ORT intra-op threads (and torch threads for the reference); None = library defaults.
-        policy: an already loaded NoraPolicy (for callers that wrap its stages).
+        policy: an already loaded NoraPolicy with ``forced_tokens="flag"`` (for callers that wrap its stages).
         constrained: automaton-constrained decoding (the default runtime); False = HF-parity greedy, which
-            generates the same tokens as the reference (like-for-like speedups on untrained fixtures).
+            generates the same tokens as the reference (needs a head="full" bundle).
+        baseline7b: a ``baseline7b.json`` (``python -m nora_edge.bench.baseline7b``): its OpenVLA-7B host
+            measurement joins the report's 7B section (which always holds the predictions on every profile).
         roofline: also predict the bundle's stages with the roofline (walks both graphs; a few seconds).
 
     Returns:
         The report dict (also in ``out/report.json``); ``result["gate"]["ok"]`` when ``against`` was given.
     """
-    check_args(steps, warmup, hz, max_regression)
+    check_args(steps, warmup, hz, max_regression, confirm_steps, confirm_seconds)
+    if baseline7b is not None:
+        read_host_measurement(baseline7b)  # a bad file fails before the run, not after it
     if update_baseline and against is None:
         raise InputError("update_baseline needs against= (the baseline file to write)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rss_before = rss_mb()
-    if policy is None:
-        from nora_edge.policy import NoraPolicy
-
-        if bundle is None:
-            raise InputError("run_bench needs a bundle directory or a loaded policy")
-        policy = NoraPolicy.load(bundle, threads=threads, constrained=constrained)
-        policy_rss = rss_mb() - rss_before
-    else:
-        policy_rss = None
-    horizon = policy.time_horizon
     if reference_quant is not None and reference is None:
         raise InputError(f"reference_quant={reference_quant!r} needs reference= (the checkpoint to load)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    policy, policy_rss = load_policy(bundle, policy, threads, constrained)
+    horizon = policy.time_horizon
     ref = load_reference(reference, horizon, threads, reference_quant) if reference is not None else None
     deadline_ms = 1e3 * horizon / hz
-    images = bench_images(N_IMAGES, seed)
     host = host_profile(measure_host(threads))
-    yardstick = Yardstick(threads)
-    for i in range(warmup):
-        img = images[i % N_IMAGES]
-        run_runtime_step(policy, img, instruction, unnorm_key, _Recorder())
-        if ref is not None:
-            run_reference_step(ref, img, instruction, unnorm_key, _Recorder())
-    rt, rf, rss_peak = _Recorder(), _Recorder(), rss_mb()
-    bar = _progress(progress, steps)
-    wall0 = time.perf_counter()
-    for i in range(steps):
-        img = images[i % N_IMAGES]
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for who in order:
-            if who == 0:
-                run_runtime_step(policy, img, instruction, unnorm_key, rt)
-            elif ref is not None:
-                run_reference_step(ref, img, instruction, unnorm_key, rf)
-        rss_peak = max(rss_peak, rss_mb())
-        yardstick.sample()
+    gc.collect()  # free the microbenchmark's sessions now, not at a collection during the timed steps (RSS)
+    loop = StepLoop(policy, ref, bench_images(N_IMAGES, seed), instruction, unnorm_key, Yardstick(threads))
+    with flag_warnings_counted():
+        for i in range(warmup):
+            img = loop.images[i % N_IMAGES]
+            run_runtime_step(policy, img, instruction, unnorm_key, Recorder())
+            if ref is not None:
+                run_reference_step(ref, img, instruction, unnorm_key, Recorder())
+        rt, rf, rss_peak = Recorder(), Recorder(), rss_mb()
+        bar = _progress(progress, steps)
+        wall0 = time.perf_counter()
+        rss_peak = max(rss_peak, loop.run(steps, rt, rf, bar))
+        wall = time.perf_counter() - wall0
         if bar:
-            bar.advance(bar.task_ids[0])
-    wall = time.perf_counter() - wall0
-    if bar:
-        bar.stop()
-    runtime = summarize_kind(rt, steps, horizon, deadline_ms)
-    result = {
-        "schema": 1,
-        "bundle": bundle_section(policy.bundle),
-        "config": {
-            "steps": steps,
-            "warmup": warmup,
-            "hz": hz,
-            "threads": threads,
-            "instruction": instruction,
-            "seed": seed,
-            "deadline_ms": deadline_ms,
-            "unnorm_key": unnorm_key,
-            "reference": str(reference) if reference else None,
-            "reference_quant": reference_quant,
-        },
-        "host": host_profile_json(host),
-        "unit_ms": {"samples": yardstick.samples_ms, "min": yardstick.unit_ms},
-        "runtime": runtime,
-        "memory": {
-            "policy_rss_mb": policy_rss,
-            "rss_peak_mb": rss_peak,
-            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
-        },
-        "wall_s": wall,
-        "reference": summarize_kind(rf, steps, horizon, deadline_ms) if ref is not None else None,
-        "samples": {
-            "runtime": {**rt.samples, "tokens": rt.tokens},
-            "reference_e2e": rf.samples["e2e"] if ref is not None else [],
-            "reference_tokens": rf.tokens,
-        },
-    }
-    result["speedup"] = speedups(runtime, result["reference"]) if ref is not None else None
-    if roofline and runtime["tokens_per_chunk"]:  # needs at least one decoded chunk for its lengths
-        tokens = int(round(runtime["tokens_per_chunk"]["median"]))
-        result["roofline"] = roofline_section(policy, instruction, runtime, host, tokens)
-    if against is not None:
-        if update_baseline:
-            G.write_baseline(Path(against), result)
-        result["gate"] = G.compare(result, G.load_baseline(Path(against)), max_regression).to_json()
+            bar.stop()
+        unit_samples = list(loop.yardstick.samples_ms)
+        runtime = summarize_kind(rt, steps, horizon, deadline_ms)
+        result = {
+            "schema": 1,
+            "bundle": bundle_section(policy.bundle),
+            "config": {
+                "steps": steps,
+                "warmup": warmup,
+                "hz": hz,
+                "threads": threads,
+                "instruction": instruction,
+                "seed": seed,
+                "deadline_ms": deadline_ms,
+                "unnorm_key": unnorm_key,
+                "mode": policy.mode,
+                "head": policy.bundle.actions.head,
+                "forced_tokens": policy.forced_tokens.mode,
+                "providers": policy.providers,
+                "reference": str(reference) if reference else None,
+                "reference_quant": reference_quant,
+            },
+            "host": host_profile_json(host),
+            "unit_ms": {"samples": unit_samples, "min": min(unit_samples)},
+            "runtime": runtime,
+            "memory": {
+                "policy_rss_mb": policy_rss,
+                "rss_peak_mb": rss_peak,
+                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+            },
+            "wall_s": wall,
+            "reference": (
+                summarize_kind(rf, steps, horizon, deadline_ms, classes=False) if ref is not None else None
+            ),
+            "samples": {
+                "runtime": {**rt.samples, "tokens": rt.tokens},
+                "reference_e2e": rf.samples["e2e"] if ref is not None else [],
+                "reference_tokens": rf.tokens,
+                "runtime_wait_ms": rt.wait_ms,
+            },
+        }
+        result["speedup"] = speedups(runtime, result["reference"]) if ref is not None else None
+        if roofline and runtime["tokens_per_chunk"]:  # needs at least one decoded chunk for its lengths
+            tokens = int(round(runtime["tokens_per_chunk"]["median"]))
+            result["roofline"] = roofline_section(policy, instruction, runtime, host, tokens)
+        result["baseline7b"] = baseline7b_section(host, baseline7b, bundle_actions_per_s(result, horizon))
+        if against is not None:
+            if update_baseline:
+                G.write_baseline(Path(against), result)
+            base = G.load_baseline(Path(against))
+            verdict = G.confirm(result, base, max_regression, loop.remeasure, confirm_seconds, confirm_steps)
+            result["gate"] = verdict.to_json()
     result["files"] = finish_outputs(result, out, plots)
     return result
-
-
-def host_profile_json(host) -> dict:
-    return {"name": host.name, "sources": host.sources()}
 
 
 def finish_outputs(result: dict, out: Path, plots: bool) -> dict:

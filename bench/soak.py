@@ -1,8 +1,9 @@
 """Soak test: many steps on one policy; memory growth and latency stability over time (a `make` target, not CI).
 
-Data flow: bundle -> NoraPolicy -> ``steps`` x select_action / predict_action_chunk on rotating frames ->
-per-window RSS and latency percentiles -> ``soak.json`` + a verdict (RSS growth after warm-up < ``max_rss_growth``,
-p99 of the last window within ``max_p99_drift`` of the first).
+Data flow: bundle -> NoraPolicy (``forced_tokens="flag"``: chunks the model did not fully choose are counted, not
+refused) -> ``steps`` x run_chunk on rotating frames -> per-window RSS, latency percentiles and token classes ->
+``soak.json`` + a verdict (RSS growth after warm-up < ``max_rss_growth``, p99 of the last window within
+``max_p99_drift`` of the first).
 
 Memory is judged from the end of the first window to the end: the first window still fills bounded caches
 (onnxruntime arenas, the automaton's mask cache of at most 4096 states), a leak keeps growing after it.
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from nora_edge.bench.report import write_json_atomic
-from nora_edge.bench.run import DEFAULT_INSTRUCTION, bench_images, rss_mb
+from nora_edge.bench.run import DEFAULT_INSTRUCTION
 from nora_edge.bench.stats import summarize
+from nora_edge.bench.steps import bench_images, flag_warnings_counted, rss_mb
 from nora_edge.errors import InputError
 
 
@@ -52,29 +54,31 @@ def run_soak(
 
     if steps < windows or windows < 2:
         raise InputError(f"soak needs steps >= windows >= 2, got steps={steps}, windows={windows}")
-    policy = NoraPolicy.load(bundle, threads=threads)
+    policy = NoraPolicy.load(bundle, threads=threads, forced_tokens="flag")
     images = bench_images(16, seed=0)
-    for i in range(warmup):
-        policy.predict_action_chunk(images[i % len(images)], DEFAULT_INSTRUCTION)
-    rss0 = rss_mb()
-    per_window = steps // windows
-    lat, rss, win = [], [], []
-    t_start = time.perf_counter()
-    for w in range(windows):
-        samples = []
-        for i in range(per_window):
-            t0 = time.perf_counter()
-            policy.predict_action_chunk(images[(w * per_window + i) % len(images)], DEFAULT_INSTRUCTION)
-            samples.append(1e3 * (time.perf_counter() - t0))
-        lat.extend(samples)
-        rss.append(rss_mb())
-        win.append({"window": w, "rss_mb": rss[-1], **summarize(samples)})
-        if progress:
-            print(
-                f"window {w + 1}/{windows}: rss {rss[-1]:.1f} MB, median {win[-1]['median']:.2f} ms, "
-                f"p99 {win[-1]['p99']:.2f} ms",
-                flush=True,
-            )
+    with flag_warnings_counted():
+        for i in range(warmup):
+            policy.run_chunk(images[i % len(images)], DEFAULT_INSTRUCTION)
+        rss0 = rss_mb()
+        per_window = steps // windows
+        lat, rss, win = [], [], []
+        t_start = time.perf_counter()
+        for w in range(windows):
+            samples, flagged = [], 0
+            for i in range(per_window):
+                t0 = time.perf_counter()
+                chunk = policy.run_chunk(images[(w * per_window + i) % len(images)], DEFAULT_INSTRUCTION)
+                samples.append(1e3 * (time.perf_counter() - t0))
+                flagged += chunk.flagged
+            lat.extend(samples)
+            rss.append(rss_mb())
+            win.append({"window": w, "rss_mb": rss[-1], "flagged_chunks": flagged, **summarize(samples)})
+            if progress:
+                print(
+                    f"window {w + 1}/{windows}: rss {rss[-1]:.1f} MB, median {win[-1]['median']:.2f} ms, "
+                    f"p99 {win[-1]['p99']:.2f} ms, {flagged} chunks with tokens the model did not choose",
+                    flush=True,
+                )
     growth = rss[-1] / rss[0] - 1  # steady state: from the end of the first window
     drift = win[-1]["p99"] / win[0]["p99"] - 1
     record = {
@@ -88,6 +92,7 @@ def run_soak(
         "rss_growth_from_warmup": rss[-1] / rss0 - 1,
         "p99_drift": drift,
         "latency": summarize(np.asarray(lat)),
+        "flagged_chunks": sum(w["flagged_chunks"] for w in win),
         "windows": win,
         "limits": {"max_rss_growth": max_rss_growth, "max_p99_drift": max_p99_drift},
         "ok": bool(growth < max_rss_growth and abs(drift) < max_p99_drift),
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"RSS growth {100 * r['rss_growth']:+.2f}% (limit {100 * r['limits']['max_rss_growth']:.0f}%), "
         f"p99 drift {100 * r['p99_drift']:+.1f}%, median {r['latency']['median']:.2f} ms, "
-        f"p99 {r['latency']['p99']:.2f} ms over {r['steps']} steps: {'PASS' if r['ok'] else 'FAIL'}"
+        f"p99 {r['latency']['p99']:.2f} ms over {r['steps']} steps ({r['flagged_chunks']} chunks held tokens the "
+        f"model did not choose): {'PASS' if r['ok'] else 'FAIL'}"
     )
     return 0 if r["ok"] else 1
 

@@ -18,11 +18,12 @@ real-shape because that is what NORA stores (and it halves the 7.5 GB).
 Every preset keeps the vision tower's real window logic: patch 14, spatial merge 2, temporal patch 2,
 window 112 (a 224x224 image -> 16x16 patches -> 2x2 windows of 4x4 merged patches) and full-attention blocks.
 
-Generation length: Qwen2.5-VL-3B-Instruct's generation_config has no length limit, so HF generates 20 new
-tokens. A chunk of T*D FAST coefficients takes at most 2*T*D byte-level BPE tokens (every coefficient char is
-below U+0800, at most 2 UTF-8 bytes, and every token is at least one byte) plus ``<|im_end|>``. The fixture
-therefore writes ``max_new_tokens = max(20, 2*T*D + 1)``: 20 (HF's default, made explicit) for horizon 1,
-71 for horizon 5, so a horizon-5 chunk is never cut off by the length limit.
+generation_config.json is Qwen2.5-VL-3B-Instruct's file (which NORA ships unchanged) with this vocabulary's
+ids: bos/pad <|endoftext|>, eos [<|im_end|>, <|endoftext|>], do_sample, repetition_penalty 1.05, temperature
+0.1, top_p 0.001, top_k 1 and transformers_version, and no length field. So HF ``generate`` makes its default
+of 20 new tokens (transformers generation/utils.py ``_prepare_generated_length``), exactly as with the real
+checkpoint: a NORA-Long chunk needing more than 20 tokens is cut off into a malformed decode (real NORA
+behaviour; the random-weight fixtures hit it on every input, the trained ones need 5-8 tokens).
 """
 
 from __future__ import annotations
@@ -147,8 +148,11 @@ def model_config(p: Preset) -> dict:
     }
 
 
-def generation_config(base: int, horizon: int) -> dict:
-    """generation_config.json like Qwen2.5-VL-3B-Instruct's, plus an explicit max_new_tokens (module doc)."""
+def generation_config(base: int) -> dict:
+    """generation_config.json exactly as Qwen2.5-VL-3B-Instruct ships it
+    (huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct, file generation_config.json: no max_new_tokens / max_length),
+    with this vocabulary's special ids (the real file: bos/pad 151643, eos [151645, 151643]; here
+    <|endoftext|> and <|im_end|> from ``base``)."""
     ids = special_ids(base)
     return {
         "bos_token_id": ids["<|endoftext|>"],
@@ -159,7 +163,7 @@ def generation_config(base: int, horizon: int) -> dict:
         "temperature": 0.1,
         "top_p": 0.001,
         "top_k": 1,
-        "max_new_tokens": max(20, 2 * horizon * ACTION_DIM + 1),
+        "transformers_version": "4.49.0.dev0",
     }
 
 
@@ -255,7 +259,7 @@ def write_checkpoint_files(
     write_tokenizer_files(tok, tmp)
     config = model_config(preset)
     write_json(tmp / names.CONFIG, config)
-    write_json(tmp / names.GENERATION_CONFIG, generation_config(preset.base_vocab, horizon))
+    write_json(tmp / names.GENERATION_CONFIG, generation_config(preset.base_vocab))
     write_json(tmp / names.PREPROCESSOR_CONFIG, preprocessor_config())
     stats = {FIXTURE_UNNORM_KEY: norm_stats_entry(seed)}
     for i, key in enumerate(extra_norm_keys):

@@ -3,8 +3,9 @@
 Data flow: NoraCheckpoint + its processor (chat template, tokenizer, image processor) ->
 ``source_checkpoint`` (sha256 of config + weight index), ``prompt`` (prefix/suffix ids read off the real chat
 template, mrope info), ``image`` (the runtime ImageSpec's fields), ``actions`` (action range, head rows, end
-ids), ``generation`` (generation_config.json), ``codec`` (FAST parameters + codec file names),
-``norm_stats``; plus :func:`write_codec_files` (FAST files + compiled byte table into the staging dir).
+ids), ``generation`` (generation_config.json and the length rule HF applies to it), ``codec`` (FAST
+parameters + codec file names), ``norm_stats``; plus :func:`write_codec_files` (FAST files + compiled byte
+table into the staging dir).
 """
 
 from __future__ import annotations
@@ -144,6 +145,19 @@ def actions_section(ckpt: NoraCheckpoint, head: str, head_rows: list[int]) -> di
     }
 
 
+def length_rule(g: dict) -> str:
+    """Which of HF's length rules limits unconstrained generation (``nora_edge.generate.new_token_limit``)."""
+    from nora_edge.generate import HF_DEFAULT_NEW_TOKENS
+
+    if g.get("max_new_tokens") is not None:
+        return "max_new_tokens"
+    if g.get("max_length") is not None:
+        return "max_length (prompt + new tokens)"
+    return (
+        f"none set: transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens (as Qwen2.5-VL-3B-Instruct)"
+    )
+
+
 def generation_section(ckpt: NoraCheckpoint) -> dict:
     g = ckpt.generation_config
     return {
@@ -151,6 +165,7 @@ def generation_section(ckpt: NoraCheckpoint) -> dict:
         "repetition_penalty": g.get("repetition_penalty"),
         "max_new_tokens": g.get("max_new_tokens"),
         "max_length": g.get("max_length"),
+        "length_rule": length_rule(g),
         "pad_token_id": g.get("pad_token_id"),
         "do_sample": False,
         "source": names.GENERATION_CONFIG,

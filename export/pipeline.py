@@ -2,10 +2,13 @@
 
 Data flow (each step a progress-bar stage):
   checkpoint dir --NoraCheckpoint (metadata, no torch)--> fp32 HF model + processor
-  --references (only with validate): HF image features, logits, greedy ids on held-out inputs-->
-  embeddings.npy (fp16) --> vision.onnx (HF vision tower freed) --> decoder.onnx (+ .data; HF layers freed
-  while copied) --> recipes step (quantization hook; fp32 = as exported) --> validation in onnxruntime
-  (torch model gone) --> codec files + tokenizer --> manifest.json LAST --> atomic rename to ``out``.
+  --references (only with validate): NORA's own inference (ReferencePolicy: HF generate over the full
+  vocabulary with the checkpoint's generation_config) on held-out (frame, instruction) pairs, plus HF image
+  features and logits for the graph checks (validate.py)--> embeddings.npy (fp16) --> vision.onnx (HF vision
+  tower freed) --> decoder.onnx (+ .data; HF layers freed while copied) --> recipes step (quantization hook;
+  fp32 = as exported) --> codec files + tokenizer --> validation (torch model gone): the graphs in onnxruntime
+  vs HF, then the shipped runtime (NoraPolicy on the staged files) vs the references --> manifest.json LAST
+  --> atomic rename to ``out``.
 
 Everything is written into ``<out>.tmp-<random>`` by :class:`nora_edge.export.bundle_writer.BundleWriter`; an exception
 (or a kill) anywhere leaves nothing at ``out`` that loads.
@@ -18,7 +21,7 @@ import gc
 import json
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import ExportError
 from nora_edge.export.bundle_writer import BundleWriter
 
-STAGES = ("load", "reference", "embeddings", "vision", "decoder", "recipes", "validate", "codec", "manifest")
+STAGES = ("load", "reference", "embeddings", "vision", "decoder", "recipes", "codec", "validate", "manifest")
 FIDELITY_REPORT = "fidelity_report.json"
 
 
@@ -49,7 +52,9 @@ def stage_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
         bar.update(task, description="done", completed=len(STAGES))
 
 
-def check_options(precision: str, image_size: int, head: str, embeddings_dtype: str) -> None:
+def check_options(
+    precision: str, image_size: int, head: str, embeddings_dtype: str, validation_prompts: int = 3
+) -> None:
     """Raise ExportError on an option this exporter cannot honour (before any heavy work)."""
     if precision != "fp32":
         from nora_edge.errors import InputError
@@ -67,6 +72,9 @@ def check_options(precision: str, image_size: int, head: str, embeddings_dtype: 
         raise ExportError(f"head must be 'action' or 'full', got {head!r}")
     if embeddings_dtype not in ("float16", "float32"):
         raise ExportError(f"embeddings_dtype must be 'float16' or 'float32', got {embeddings_dtype!r}")
+    n = validation_prompts
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ExportError(f"validation_prompts must be a positive int, got {n!r}")
 
 
 def load_model(ckpt: NoraCheckpoint):
@@ -111,9 +119,10 @@ def export_bundle(
     embeddings_dtype: str = "float16",
     validate: bool = True,
     validation_prompts: int = 3,
-    validation_tokens: int = 16,
+    validation_instructions: Sequence[str] | None = None,
     report: bool = False,
     calibration: str | Path | None = None,
+    accept_degraded: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     _fail_after: str | None = None,
@@ -132,11 +141,17 @@ def export_bundle(
             (input pixel_values only); False exports a resolution-dynamic vision graph.
         head: "action" (logits rows = action ids + end ids) or "full" (every Qwen id).
         embeddings_dtype: "float16" (default) or "float32" for embeddings.npy.
-        validate: run the ONNX graphs against PyTorch and refuse (ExportError) when over tolerance.
-        validation_prompts / validation_tokens: held-out prompts and the greedy-token cap for the checks.
+        validate: check the ONNX graphs against PyTorch and the shipped runtime (``NoraPolicy`` on the staged
+            bundle) against NORA's reference (``ReferencePolicy``, generating exactly as NORA does with the
+            checkpoint's generation_config); refuse (ExportError) on a failed check (validate.py).
+        validation_prompts: held-out (frame, instruction) pairs the checks run on.
+        validation_instructions: instructions the held-out pairs draw from (default validate.INSTRUCTIONS;
+            pass your task's instructions so the reference's chunks are well formed and their ids compared).
         report: also write ``fidelity_report.json`` (the validation results) into an fp32 bundle
             (quantized bundles always carry their fidelity report).
         calibration: folder of images + instructions.jsonl for calibrated recipes (default: synthetic frames).
+        accept_degraded: quantized recipes only: write the bundle even when it misses the recipe's fidelity
+            thresholds vs the fp32 bundle (``quantize_bundle``; recorded in its manifest).
         overwrite: replace an existing bundle at ``out``.
         progress: show a rich progress bar.
         _fail_after: testing hook: raise ExportError right after this stage (simulates a crash).
@@ -144,13 +159,14 @@ def export_bundle(
     Returns:
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
     """
-    check_options(precision, image_size, head, embeddings_dtype)
+    check_options(precision, image_size, head, embeddings_dtype, validation_prompts)
     if precision != "fp32":
         return export_quantized(
             checkpoint,
             out,
             precision,
             calibration=calibration,
+            accept_degraded=accept_degraded,
             overwrite=overwrite,
             fp32_options=dict(
                 fast_dir=fast_dir,
@@ -161,7 +177,7 @@ def export_bundle(
                 embeddings_dtype=embeddings_dtype,
                 validate=validate,
                 validation_prompts=validation_prompts,
-                validation_tokens=validation_tokens,
+                validation_instructions=validation_instructions,
                 progress=progress,
             ),
         )
@@ -187,7 +203,7 @@ def export_bundle(
             embeddings_dtype,
             validate,
             validation_prompts,
-            validation_tokens,
+            tuple(validation_instructions) if validation_instructions is not None else None,
         )
         sections = export_graphs(ckpt, staging, opts, done)
         if report:
@@ -215,7 +231,7 @@ class ExportOptions:
     embeddings_dtype: str
     validate: bool
     validation_prompts: int
-    validation_tokens: int
+    validation_instructions: tuple[str, ...] | None
 
 
 def export_graphs(
@@ -228,11 +244,11 @@ def export_graphs(
         opts.head,
         opts.embeddings_dtype,
     )
-    validate, n_prompts, n_tokens = opts.validate, opts.validation_prompts, opts.validation_tokens
+    validate = opts.validate
     from nora_edge.export import manifest_sections as ms
     from nora_edge.export.decoder import export_decoder, head_rows_for
     from nora_edge.export.embeddings import export_embeddings
-    from nora_edge.export.validate import reference_cases, validate_graphs, vision_cases
+    from nora_edge.export.validate import validate_export, vision_cases
     from nora_edge.export.vision import export_vision
 
     model, processor = load_model(ckpt)
@@ -259,7 +275,7 @@ def export_graphs(
     if validate:
         grids = [grid] if specialise else [grid, (1, 12, 20), (1, 18, 22)]
         vrefs = vision_cases(model, grids)
-        prefs = reference_cases(model, processor, rows, n_prompts=n_prompts, max_new_tokens=n_tokens)
+        prefs = policy_references(ckpt, model, processor, rows, opts)
     done("reference")
     emb = export_embeddings(model, staging / bundle.EMBEDDINGS, dtype=emb_dtype)
     # a view, not a copy: it keeps only the (fp32) embedding storage alive once the model is deleted
@@ -277,39 +293,39 @@ def export_graphs(
     done("decoder")
     comps = apply_recipes(staging, {"vision": vspec, "decoder": dspec}, "fp32")
     done("recipes")
-    validation: dict = {"embeddings": {**emb["conversion"], "dtype": emb_dtype}}
-    if validate:
-        from tokenizers import Tokenizer
-
-        from nora_edge import names
-
-        tok = Tokenizer.from_file(str(ckpt.path / names.TOKENIZER_JSON))
-        validation.update(
-            validate_graphs(
-                staging / comps["vision"].file,
-                comps["vision"],
-                staging / comps["decoder"].file,
-                comps["decoder"],
-                vision_refs=vrefs,
-                prompt_refs=prefs,
-                table=table,
-                sections=sections,
-                tokenizer=tok,
-            )
-        )
-    else:
-        validation["skipped"] = True
-    sections["validation"] = validation
-    done("validate")
     sections["codec"]["bpe_vocab_size"] = ms.write_codec_files(ckpt, staging)
-    done("codec")
     sections["components"] = {
         "vision": comps["vision"].to_json(),
         "decoder": comps["decoder"].to_json(),
         "embeddings": {"file": emb["file"], "dtype": emb["dtype"], "shape": emb["shape"]},
     }
+    done("codec")
+    validation: dict = {"embeddings": {**emb["conversion"], "dtype": emb_dtype}}
+    if validate:
+        validation.update(
+            validate_export(staging, sections, comps, vision_refs=vrefs, cases=prefs, table=table)
+        )
+    else:
+        validation["skipped"] = True
+    sections["validation"] = validation
+    done("validate")
     json.dumps(sections)  # fail here, not half-way through the manifest write, on a non-JSON value
     return sections
+
+
+def policy_references(ckpt: NoraCheckpoint, model, processor, rows: list[int], opts: ExportOptions) -> list:
+    """NORA's reference results (+ HF tensors for the graph checks) on the held-out pairs (validate.py).
+
+    The ReferencePolicy wraps the loaded fp32 model (the checkpoint's generation_config, as ``load_model``
+    sets it) and is dropped on return, so the model can be freed once its graphs are exported.
+    """
+    from nora_edge.actions.fast import FastTokenizer
+    from nora_edge.export.reference import ReferencePolicy
+    from nora_edge.export.validate import INSTRUCTIONS, held_out_pairs, reference_cases
+
+    reference = ReferencePolicy(ckpt, model, processor, FastTokenizer.from_pretrained(ckpt.fast.path))
+    pairs = held_out_pairs(opts.validation_prompts, opts.validation_instructions or INSTRUCTIONS)
+    return reference_cases(reference, rows, pairs, table_dtype=opts.embeddings_dtype)
 
 
 def export_quantized(
@@ -318,6 +334,7 @@ def export_quantized(
     precision: str,
     *,
     calibration: str | Path | None,
+    accept_degraded: bool,
     overwrite: bool,
     fp32_options: dict,
 ) -> Path:
@@ -337,6 +354,8 @@ def export_quantized(
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
     try:
         fp32 = export_bundle(checkpoint, tmp_root / "fp32", precision="fp32", **fp32_options)
-        return quantize_bundle(fp32, out, precision, calibration=samples, overwrite=overwrite)
+        return quantize_bundle(
+            fp32, out, precision, calibration=samples, overwrite=overwrite, accept_degraded=accept_degraded
+        )
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)

@@ -17,6 +17,7 @@ action ids if the instruction literally spells ``<robot_action_i>``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,6 @@ def bnb_config(quantization: str, dtype: torch.dtype):
         raise ExportError(
             f"reference quantization {quantization!r} needs {missing}: pip install 'nora-edge[bnb]'"
         )
-    import warnings
-
     from transformers import BitsAndBytesConfig
 
     if quantization == "bnb-int8":
@@ -228,11 +227,19 @@ class ReferencePolicy:
     def generate(self, inputs: dict[str, torch.Tensor]) -> np.ndarray:
         """Greedy ``model.generate`` with the checkpoint's generation config; returns (L,) int64 full sequence.
 
+        The length limit is the checkpoint's: with no max_new_tokens / max_length in generation_config.json (as
+        Qwen2.5-VL-3B-Instruct and NORA ship it) transformers makes at most 20 new tokens, so a NORA-Long chunk
+        needing more is cut off into a malformed decode, exactly as NORA does.
+
         NORA sets ``generation_config.do_sample = False`` on the model; passing ``do_sample=False`` here is the
         same decoding and leaves ``model.generation_config`` as loaded (so ``model.save_pretrained`` still works:
         transformers refuses to save a modified config that keeps temperature/top_p/top_k without sampling).
         """
-        out = self.model.generate(**inputs, do_sample=False)
+        with warnings.catch_warnings():
+            # With Qwen2.5-VL's generation_config (no length field) transformers warns on every call that it
+            # applies its default max_length (20 new tokens): that is NORA's behaviour, reproduced on purpose.
+            warnings.filterwarnings("ignore", message="Using the model-agnostic default `max_length`")
+            out = self.model.generate(**inputs, do_sample=False)
         return out[0].cpu().numpy().astype(np.int64)
 
     def decode_actions(self, sequence: np.ndarray) -> tuple[np.ndarray, np.ndarray, str | None]:

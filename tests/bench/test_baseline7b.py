@@ -10,6 +10,7 @@ import pytest
 from nora_edge.bench import baseline7b
 from nora_edge.bench.models import LmDims, nora_3b, openvla_7b
 from nora_edge.bench.report import baseline_markdown
+from nora_edge.errors import InputError
 from nora_edge.profiles import list_profiles
 
 
@@ -78,3 +79,61 @@ def test_extrapolation_runs_one_layer_of_each_kind():
 def test_openvla_is_one_action_per_inference_and_nora_long_five():
     assert openvla_7b().actions_per_inference == 1
     assert nora_3b(5).actions_per_inference == 5
+
+
+def _small(spec):
+    """``spec`` with every layer shrunk (the real sizes take minutes and GBs: ``make bench-real``)."""
+    towers = tuple(replace(t, hidden=64, intermediate=128, heads=4) for t in spec.vision)
+    lm = LmDims(2, 128, 256, 4, 2, 32, 600, tied=False, qkv_bias=False, head_rows=300)
+    return replace(spec, vision=towers, lm=lm, vision_linears=())
+
+
+@pytest.fixture(scope="module")
+def host_measurement():
+    from nora_edge.bench.microbench import measure_host
+
+    return measure_host(1, reps=2)
+
+
+def test_bench_section_has_openvla_on_every_profile_and_the_host_measurement(host_measurement, tmp_path):
+    from nora_edge.bench.microbench import host_profile
+    from nora_edge.bench.report import write_json_atomic
+
+    measured = [
+        baseline7b.host_comparison(_small(openvla_7b()), "int4", host_measurement, reps=1),
+        baseline7b.host_comparison(
+            _small(nora_3b(5)), "int4", host_measurement, reps=1
+        ),  # not OpenVLA: skipped
+    ]
+    path = write_json_atomic(tmp_path / "baseline7b.json", {"host_comparison": measured})
+    host = host_profile(host_measurement)
+    sec = baseline7b.bench_section(host, path, {"host": 100.0})
+    assert [r["profile"] for r in sec["rows"]] == list_profiles() and len(sec["rows"]) == 5
+    rows = {r["profile"]: r for r in sec["rows"]}
+    assert rows["host"]["host_measured"] == {
+        "int4": {
+            "e2e_ms": measured[0]["measured"]["e2e_ms"],
+            "predicted_e2e_ms": measured[0]["predicted"]["e2e_ms"],
+            "label": baseline7b.EXTRAPOLATED,
+        }
+    }
+    assert all(r["host_measured"] is None for name, r in rows.items() if name != "host")
+    # the rows are the baseline report's own predictions for OpenVLA-7B (same profiles, same plans)
+    full = baseline7b.prediction_rows([openvla_7b()], [host, *baseline7b.device_profiles()], ("int4",))
+    for p in full:
+        assert rows[p["profile"]]["plans"]["int4"]["e2e_ms"] == pytest.approx(p["e2e_ms"], rel=1e-12)
+    int4 = rows["host"]["plans"]["int4"]["actions_per_s"]
+    assert rows["host"]["bundle_over_openvla_int4"] == pytest.approx(100.0 / int4)
+    assert sec["measured_from"] == str(path)
+
+
+def test_bench_section_refuses_a_file_that_is_not_a_baseline7b_result(host_measurement, tmp_path):
+    from nora_edge.bench.microbench import host_profile
+
+    bad = tmp_path / "b.json"
+    bad.write_text('{"predictions": []}')
+    with pytest.raises(InputError, match="field 'host_comparison' must be a list"):
+        baseline7b.bench_section(host_profile(host_measurement), bad)
+    bad.write_text('{"host_comparison": [{"model": "OpenVLA-7B", "precision": "int4"}]}')
+    with pytest.raises(InputError, match=r"host_comparison\[0\] lacks"):
+        baseline7b.bench_section(host_profile(host_measurement), bad)

@@ -1,9 +1,12 @@
-"""The CI gate on real runs of the tiny bundle: an unchanged run passes, a run whose vision stage is slowed by 30%
-(a busy wait injected after the policy's vision stage function, not edited numbers) fails, naming the stage."""
+"""The CI gate on real runs of the tiny bundle: an unchanged run passes; a run whose vision stage is slowed by 30%
+(a busy wait injected after the policy's vision stage function, not edited numbers) fails after re-measurement,
+naming the stage; a slowdown present only during the first pass (what another process on the core does) is
+re-measured and not counted. Verdicts are recomputed from the raw samples the report holds."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import pytest
@@ -13,20 +16,27 @@ from nora_edge.bench.run import run_bench
 from nora_edge.errors import InputError
 
 STEPS = 80  # the fastest of 80 samples: steady on a shared 2-vCPU VM (40 let a stage drift +17%)
+WARMUP = 3
+# a suspect that is not reproduced stops the re-measurement early; a real regression spends the whole budget
+CONFIRM_STEPS = 40
+SLOW_BUDGET_S = 3.0
 
 
-def slowed(fn, seconds: float):
-    """``fn`` followed by a busy wait: the stage takes ``seconds`` longer on every call.
+def slowed(fn, seconds: float, calls: int | None = None):
+    """``fn`` followed by a busy wait: the stage takes ``seconds`` longer on its first ``calls`` calls (all: None).
 
     A busy wait, like the extra work of a real regression; a sleep idles the core, and the next stage (prefill)
     then starts on a descheduled thread with cold caches and reads up to ~15% slower.
     """
+    done = [0]
 
     def wrapper(*args, **kwargs):
         out = fn(*args, **kwargs)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
+        done[0] += 1
+        if calls is None or done[0] <= calls:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
         return out
 
     return wrapper
@@ -34,28 +44,51 @@ def slowed(fn, seconds: float):
 
 @pytest.fixture(scope="module")
 def runs(tiny_bundle_h5, tmp_path_factory):
-    """Baseline, unchanged and slowed runs of one loaded policy (ORT on 1 thread)."""
+    """Baseline (median of three runs), unchanged, slowed and first-pass-only slowed runs of one loaded policy
+    (ORT on 1 thread); the slowdown is 30% of the baseline's vision stage."""
     from nora_edge.policy import NoraPolicy
 
     tmp = tmp_path_factory.mktemp("gate")
     baseline = tmp / "ci.json"
-    policy = NoraPolicy.load(tiny_bundle_h5, threads=1)
+    policy = NoraPolicy.load(tiny_bundle_h5, threads=1, forced_tokens="flag")
     kw = {
         "policy": policy,
         "steps": STEPS,
-        "warmup": 3,
+        "warmup": WARMUP,
         "threads": 1,
         "roofline": False,
         "plots": False,
         "progress": False,
         "against": baseline,
+        "confirm_steps": CONFIRM_STEPS,
+        "confirm_seconds": 20.0,
     }
-    base = run_bench(None, out=tmp / "base", update_baseline=True, **kw)
+    # the baseline as CI records it: the median of several runs (one run's fastest sample can be inflated when
+    # another process holds the core throughout it)
+    recorded = [run_bench(None, out=tmp / f"base{i}", **{**kw, "against": None}) for i in range(3)]
+    gate.write_baseline(baseline, recorded)
+    base = recorded[0]
     same = run_bench(None, out=tmp / "same", **kw)
-    vision_ms = base["runtime"]["stages"]["vision"]["min"]
-    policy.image_embeds = slowed(policy.image_embeds, 0.30 * vision_ms / 1e3)
-    slow = run_bench(None, out=tmp / "slow", **kw)
-    return {"baseline": baseline, "base": base, "same": same, "slow": slow, "tmp": tmp}
+    extra_s = 0.30 * json.loads(baseline.read_text())["metrics"]["stages_ms"]["vision"] / 1e3
+    vision = policy.image_embeds
+    policy.image_embeds = slowed(vision, extra_s, calls=WARMUP + STEPS)  # first pass only
+    transient = run_bench(None, out=tmp / "transient", **kw)
+    policy.image_embeds = slowed(vision, extra_s)
+    slow = run_bench(None, out=tmp / "slow", **{**kw, "confirm_seconds": SLOW_BUDGET_S})
+    policy.image_embeds = vision
+    return {
+        "baseline": baseline,
+        "base": base,
+        "same": same,
+        "slow": slow,
+        "transient": transient,
+        "tmp": tmp,
+    }
+
+
+def _row(result: dict, metric: str) -> dict:
+    (row,) = [r for r in result["rows"] if r["metric"] == metric]
+    return row
 
 
 def test_unchanged_run_passes(runs):
@@ -64,29 +97,78 @@ def test_unchanged_run_passes(runs):
     assert "PASS" in result["text"]
 
 
-def test_stage_slowed_by_30_percent_fails_and_is_named(runs):
+def test_stage_slowed_by_30_percent_fails_after_remeasurement_and_is_named(runs):
     result = runs["slow"]["gate"]
     assert not result["ok"], result["text"]
     failed = [r["metric"] for r in result["rows"] if r["status"] == "REGRESSION"]
     assert "vision (norm)" in failed, result["text"]
-    (vision,) = [r for r in result["rows"] if r["metric"] == "vision (norm)"]
-    assert vision["change"] > 0.15
-    # the slowed stage is the one named worst; on a loaded machine (another process on the second core) a
-    # neighbouring stage has drifted past 15% too (prefill +16% seen), which a real gate must report as well
+    vision = _row(result, "vision (norm)")
+    assert vision["change"] > 0.15 and vision["first_change"] > 0.15
+    assert "reproduced when re-measured" in vision["note"]
+    conf = result["confirmation"]
+    assert "vision" in conf["stages"] and conf["reproduced"]["vision"] is True
+    # the budget was spent before failing: rounds ran until confirm_seconds passed
+    assert conf["seconds"] >= SLOW_BUDGET_S and conf["rounds"] >= 1
+    # the slowed stage is the worst regression; decode steps and memory are untouched
     worst = max((r for r in result["rows"] if r["status"] == "REGRESSION"), key=lambda r: r["change"])
     assert worst["metric"] == "vision (norm)", result["text"]
     assert all(
         r["change"] < 0.15 for r in result["rows"] if r["metric"].startswith(("decode_step", "memory"))
     )
-    assert "REGRESSION" in result["text"] and "FAIL" in result["text"]
+    assert "re-measured" in result["text"] and "vision" in result["text"] and "FAIL" in result["text"]
 
 
-def test_cli_exit_codes(runs, capsys):
+def test_confirmation_numbers_follow_from_the_raw_samples(runs):
+    for name in ("slow", "transient"):
+        rep = runs[name]
+        conf, summary = rep["confirmation"], rep["gate"]["confirmation"]
+        # every re-measured step decoded (constrained decoding), one vision sample and one yardstick sample each
+        steps = conf["rounds"] * conf["steps_per_round"]
+        assert len(conf["samples"]["vision"]) == steps == summary["samples"]["vision"], name
+        assert len(conf["unit_ms"]) == steps == summary["unit_samples"], name
+        base = json.loads(runs["baseline"].read_text())["metrics"]["normalized"]["vision"]
+        first = rep["samples"]["runtime"]["vision"]
+        pooled = min(first + conf["samples"]["vision"]) / min(rep["unit_ms"]["samples"] + conf["unit_ms"])
+        row = _row(rep["gate"], "vision (norm)")
+        assert row["current"] == pytest.approx(pooled, rel=1e-12), name
+        assert row["change"] == pytest.approx(pooled / base - 1, rel=1e-12), name
+        assert row["first_pass"] == pytest.approx(min(first) / min(rep["unit_ms"]["samples"]), rel=1e-12)
+        assert summary["after"]["vision"]["change"] == row["change"]
+
+
+def test_first_pass_only_slowdown_is_remeasured_and_not_counted(runs):
+    rep = runs["transient"]
+    result = rep["gate"]
+    vision = _row(result, "vision (norm)")
+    assert vision["first_change"] > 0.15, result["text"]  # flagged in the first pass ...
+    assert result["ok"] and vision["status"] == "ok", result["text"]  # ... not reproduced
+    assert "not reproduced when re-measured" in vision["note"]
+    conf = result["confirmation"]
+    assert conf["reproduced"]["vision"] is False and conf["after"]["vision"]["change"] <= 0.15
+    md = (runs["tmp"] / "transient" / "report.md").read_text()
+    assert "re-measured vision" in md and "not reproduced" in md
+
+
+def test_cli_reaches_the_runs_verdict_from_the_saved_report(runs, capsys):
     tmp, baseline = runs["tmp"], runs["baseline"]
     assert gate.main([str(tmp / "same" / "report.json"), "--against", str(baseline)]) == 0
+    # the saved report carries the re-measured samples: the CLI pools them like the run did
+    assert gate.main([str(tmp / "transient" / "report.json"), "--against", str(baseline)]) == 0
+    assert "not reproduced" in capsys.readouterr().out
     assert gate.main([str(tmp / "slow" / "report.json"), "--against", str(baseline)]) == 1
-    assert "vision (norm)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vision (norm)" in out and "re-measured vision" in out
     assert gate.main([str(tmp / "same" / "report.json"), "--against", str(tmp / "missing.json")]) == 2
+
+
+def test_token_rates_are_informational_rows(runs):
+    rep = runs["same"]
+    rates = {r["key"]: r for r in rep["gate"]["rates"]}
+    assert len(rates) == len(gate.RATES) == 5
+    for key, r in rates.items():
+        assert r["current"] == rep["runtime"][key] and r["baseline"] == runs["base"]["runtime"][key], key
+    assert all(r["status"] != "REGRESSION" for r in rep["gate"]["rows"] if "rate" in r["metric"])
+    assert "repaired per token" in rep["gate"]["text"] and "forced_continue per chunk" in rep["gate"]["text"]
 
 
 def test_update_baseline_rewrites_the_file(runs, tmp_path):
@@ -95,12 +177,54 @@ def test_update_baseline_rewrites_the_file(runs, tmp_path):
     assert result.ok  # a run compared with itself
     stored = json.loads(target.read_text())
     assert stored["metrics"]["stages_ms"]["vision"] == runs["slow"]["runtime"]["stages"]["vision"]["min"]
+    assert stored["identity"]["mode"] == "constrained" and stored["identity"]["head"] == "action"
 
 
-def test_baseline_for_other_settings_is_refused(runs):
+def test_baseline_is_the_median_of_several_bench_processes(runs, tmp_path, capsys):
+    names = ("base", "same", "slow")
+    target = tmp_path / "median.json"
+    dirs = {"base": "base0", "same": "same", "slow": "slow"}
+    argv = [str(runs["tmp"] / dirs[n] / "report.json") for n in names]
+    argv += ["--against", str(target), "--update-baseline"]
+    assert gate.main(argv) == 0
+    stored = json.loads(target.read_text())
+    assert len(stored["runs"]) == 3 and "median over 3 bench process(es)" in stored["note"]
+    for stage in ("vision", "prefill", "decode_step", "e2e"):
+        norm = [runs[n]["runtime"]["stages"][stage]["min"] / runs[n]["unit_ms"]["min"] for n in names]
+        assert stored["metrics"]["normalized"][stage] == pytest.approx(statistics.median(norm), rel=1e-12)
+        assert [r["normalized"][stage] for r in stored["runs"]] == pytest.approx(norm, rel=1e-12)
+    assert stored["metrics"]["memory_mb"] == statistics.median(
+        runs[n]["memory"]["rss_peak_mb"] for n in names
+    )
+    # the one slowed process out of three does not become the baseline
+    slow_vision = runs["slow"]["runtime"]["stages"]["vision"]["min"] / runs["slow"]["unit_ms"]["min"]
+    assert stored["metrics"]["normalized"]["vision"] < slow_vision
+    assert "median of 3 bench process(es)" in capsys.readouterr().out
+
+
+def test_reports_for_different_settings_make_no_baseline(runs, tmp_path):
     other = json.loads(json.dumps(runs["same"]))
     other["config"]["threads"] = None
-    with pytest.raises(InputError, match="baseline was recorded for other settings.*threads"):
+    with pytest.raises(
+        InputError, match=r"bench reports 0 and 1 were recorded for different settings: \['threads'\]"
+    ):
+        gate.write_baseline(tmp_path / "b.json", [runs["base"], other])
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("config", "threads", None),
+        ("config", "mode", "hf-parity"),
+        ("config", "providers", {"vision": ["CUDAExecutionProvider"], "decoder": ["CPUExecutionProvider"]}),
+        ("bundle", "head", "full"),
+    ],
+)
+def test_baseline_for_other_settings_is_refused_naming_the_field(runs, section, field, value):
+    other = json.loads(json.dumps(runs["same"]))
+    other[section][field] = value
+    with pytest.raises(InputError, match=f"baseline was recorded for other settings: {field} \\(baseline"):
         gate.compare(other, gate.load_baseline(runs["baseline"]))
 
 
@@ -118,3 +242,11 @@ def test_unreadable_report_is_an_input_error(tmp_path):
         gate.check(bad, tmp_path / "b.json")
     with pytest.raises(InputError, match="bench report not found"):
         gate.check(tmp_path / "absent.json", tmp_path / "b.json")
+
+
+def test_policy_that_refuses_chunks_is_refused(tiny_bundle_h5, tmp_path):
+    from nora_edge.policy import NoraPolicy
+
+    policy = NoraPolicy.load(tiny_bundle_h5, threads=1)  # forced_tokens="raise"
+    with pytest.raises(InputError, match="forced_tokens='flag'"):
+        run_bench(None, policy=policy, out=tmp_path, progress=False)

@@ -1,5 +1,6 @@
 """run_bench on the tiny NORA-Long bundle: the report agrees with its own raw samples (recomputed with the
-statistics module), with an independent NoraPolicy run on the same frames, and with the PyTorch reference."""
+statistics module), with an independent NoraPolicy run on the same frames (tokens, token classes, providers),
+and with the PyTorch reference; every report carries the OpenVLA-7B section, one row per profile."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from nora_edge.bench.run import N_IMAGES, bench_images, run_bench
 from nora_edge.errors import InputError
+from nora_edge.profiles import list_profiles
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +55,69 @@ def test_statistics_match_the_raw_samples(report):
     assert res["bundle"]["size_bytes"] > 0 and res["bundle"]["horizon"] == 5
 
 
-def test_tokens_per_chunk_match_an_independent_policy_run(report, tiny_bundle_h5):
+def test_tokens_and_token_classes_match_an_independent_policy_run(report, tiny_bundle_h5):
     from nora_edge.policy import NoraPolicy
 
     res, _ = report
-    policy = NoraPolicy.load(tiny_bundle_h5, threads=1)
+    policy = NoraPolicy.load(tiny_bundle_h5, threads=1, forced_tokens="flag")
     images = bench_images(N_IMAGES, seed=0)
-    expect = [policy.run_chunk(images[i % N_IMAGES], res["config"]["instruction"]).ids.size for i in range(8)]
-    assert res["samples"]["runtime"]["tokens"] == expect
-    assert res["runtime"]["malformed"] == 0  # constrained decoding always decodes
+    outs = [policy.run_chunk(images[i % N_IMAGES], res["config"]["instruction"]) for i in range(8)]
+    assert res["samples"]["runtime"]["tokens"] == [o.ids.size for o in outs]
+    rt = res["runtime"]
+    assert rt["malformed"] == 0  # constrained decoding always decodes
+    totals = {c: sum(o.class_counts[c] for o in outs) for c in ("model", "repaired", "forced_continue")}
+    assert rt["token_classes"] == totals and sum(totals.values()) == sum(o.ids.size for o in outs)
+    n_tokens = sum(totals.values())
+    assert rt["repaired_rate"] == totals["repaired"] / n_tokens
+    assert rt["forced_rate"] == totals["forced_continue"] / n_tokens
+    assert rt["repaired_chunk_rate"] == sum(o.repaired > 0 for o in outs) / 8
+    assert rt["forced_chunk_rate"] == sum(o.forced > 0 for o in outs) / 8
+    # the identity of what ran: decoding mode, head, forced-token rule, the provider each graph ran on
+    cfg = res["config"]
+    assert cfg["mode"] == "constrained" and cfg["forced_tokens"] == "flag" and cfg["head"] == "action"
+    assert (
+        cfg["providers"]
+        == policy.providers
+        == {
+            "vision": ["CPUExecutionProvider"],
+            "decoder": ["CPUExecutionProvider"],
+        }
+    )
+
+
+def test_report_md_states_mode_providers_and_token_rates(report):
+    res, out = report
+    md = (out / "report.md").read_text()
+    assert "decoding: constrained; forced tokens: flag" in md
+    assert "execution providers: vision: CPUExecutionProvider; decoder: CPUExecutionProvider" in md
+    rt = res["runtime"]
+    assert (
+        f"repaired {100 * rt['repaired_rate']:.1f}% of tokens ({100 * rt['repaired_chunk_rate']:.1f}% of chunks)"
+        in md
+    )
+    assert f"malformed: {100 * rt['malformed_rate']:.1f}% of chunks" in md
+
+
+def test_every_report_has_the_7b_section_one_row_per_profile(report):
+    res, out = report
+    sec = res["baseline7b"]
+    profiles = list_profiles()
+    assert sec["model"] == "OpenVLA-7B" and [r["profile"] for r in sec["rows"]] == profiles
+    assert len(sec["rows"]) == len(profiles) == 5
+    for row in sec["rows"]:
+        plans = ("fp32", "int8", "int4") if row["profile"] == "host" else ("fp16", "int8", "int4")
+        assert tuple(row["plans"]) == plans, row["profile"]
+        assert row["plans"]["int4"]["actions_per_s"] == pytest.approx(1e3 / row["plans"]["int4"]["e2e_ms"])
+        assert row["host_measured"] is None  # no baseline7b.json passed
+    host = sec["rows"][0]
+    assert host["bundle_actions_per_s"] == res["runtime"]["e2e"]["actions_per_s"]
+    md = (out / "report.md").read_text()
+    assert "## 7B baseline: OpenVLA-7B on every profile" in md
+    section = md.split("## 7B baseline")[1].split("\n## ")[0]
+    rows = [
+        line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| profile |")
+    ]
+    assert [r.split(" | ")[0][2:] for r in rows] == profiles
 
 
 def test_roofline_predicts_every_stage_on_every_profile(report):
@@ -94,6 +150,8 @@ def test_reference_runs_interleaved_and_speedups_follow_the_samples(tiny_bundle_
     ref_med = statistics.median(res["samples"]["reference_e2e"])
     assert res["speedup"]["e2e_median"] == pytest.approx(ref_med / rt_med, rel=1e-12)
     assert 0.0 <= ref["malformed_rate"] <= 1.0
+    # HF generate has no automaton: nothing is repaired or forced, and the report does not claim measured zeros
+    assert ref["token_classes"] is None and ref["repaired_rate"] is None and ref["forced_chunk_rate"] is None
     assert ref["tokens_per_chunk"]["median"] >= 1
     assert "vs PyTorch reference" in (tmp_path / "report.md").read_text()
 
@@ -105,6 +163,9 @@ def test_reference_runs_interleaved_and_speedups_follow_the_samples(tiny_bundle_
         ({"warmup": -1}, "warmup must be an int >= 0"),
         ({"hz": 0}, "hz must be a positive number"),
         ({"max_regression": -0.1}, "max_regression must be a positive fraction"),
+        ({"confirm_seconds": -1}, "confirm_seconds must be a number >= 0"),
+        ({"confirm_steps": 0}, "confirm_steps must be an int >= 1"),
+        ({"baseline7b": "absent/baseline7b.json"}, "missing file: absent/baseline7b.json"),
         ({"update_baseline": True}, "update_baseline needs against="),
     ],
 )

@@ -23,6 +23,21 @@ def test_short_soak_record_is_consistent(tiny_bundle_h5: Path, tmp_path: Path) -
     assert r["ok"] == (growth < r["limits"]["max_rss_growth"] and abs(drift) < r["limits"]["max_p99_drift"])
 
 
+def test_soak_counts_chunks_the_model_did_not_fully_choose(tiny_bundle_h5: Path, tmp_path: Path) -> None:
+    from nora_edge.bench.steps import bench_images
+    from nora_edge.policy import NoraPolicy
+
+    r = run_soak(tiny_bundle_h5, steps=16, windows=2, warmup=0, out=tmp_path, progress=False)
+    policy = NoraPolicy.load(tiny_bundle_h5, threads=1, forced_tokens="flag")
+    images = bench_images(16, seed=0)
+    expect = [
+        policy.run_chunk(images[i], "pick up the black bowl and place it on the plate").flagged
+        for i in range(16)
+    ]
+    assert [w["flagged_chunks"] for w in r["windows"]] == [sum(expect[:8]), sum(expect[8:])]
+    assert r["flagged_chunks"] == sum(expect)
+
+
 def test_soak_rejects_too_few_steps(tiny_bundle_h5: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="steps >= windows"):
         run_soak(tiny_bundle_h5, steps=3, windows=4, out=tmp_path, progress=False)

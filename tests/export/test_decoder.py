@@ -92,14 +92,19 @@ def test_action_head_equals_full_vocab_rows(
 
 
 def greedy_parity(model, processor, decoder_path_spec, instructions, max_new: int) -> list[tuple[list, list]]:
-    """(HF generate ids, ORT greedy ids) per instruction, with the checkpoint's generation_config."""
-    from nora_edge.export.validate import greedy_ort
+    """(HF generate ids, ORT greedy ids) per instruction, with the checkpoint's generation_config; the ORT side
+    is the runtime's own loop (nora_edge.generate.greedy, unconstrained) on the graph."""
+    from nora_edge.export.validate import session
+    from nora_edge.generate import Decoder, GreedyConfig, greedy
+    from nora_edge.sessions import GraphSession
 
-    dec = ort_decoder(decoder_path_spec)
     table = model.get_input_embeddings().weight.detach().numpy()
     gc = model.generation_config
-    eos = set(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id])
+    eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
     rows = np.arange(model.config.text_config.vocab_size)
+    path, spec = decoder_path_spec[:2]
+    dec = Decoder(GraphSession("decoder", session(path)), spec, table, rows)
+    config = GreedyConfig(None, 0, tuple(eos), max_new, None, gc.repetition_penalty)
     pairs = []
     for k, instruction in enumerate(instructions):
         inputs = hf_inputs(processor, instruction, seed=100 + k)
@@ -107,12 +112,10 @@ def greedy_parity(model, processor, decoder_path_spec, instructions, max_new: in
             out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new)
         hf_ids = out[0, inputs["input_ids"].shape[1] :].tolist()
         embeds, pos = hf_prefill_feeds(model, inputs)
-
-        class Case:
-            input_ids = inputs["input_ids"][0].numpy()
-            position_ids = pos
-
-        ids = greedy_ort(dec, Case, embeds, table, rows, eos, gc.repetition_penalty, max_new)
+        prompt_ids = inputs["input_ids"][0].numpy()
+        logits, cache = dec.forward(embeds, pos, dec.empty_cache())
+        rope_delta = int(pos.max()) + 1 - prompt_ids.size  # first generated position = max + 1
+        ids = greedy(dec, logits, cache, prompt_ids, rope_delta, config).ids.tolist()
         pairs.append((hf_ids, ids))
     return pairs
 

@@ -24,7 +24,8 @@ from nora_edge.export.reference import nora_messages, resize_like_nora
 
 torch.set_num_threads(1)
 
-# NORA's prompt as NORA_FACTS.md spells it (standard Qwen2-VL template with its default system prompt).
+# NORA's prompt: declare-lab/nora inference/nora.py applies the processor's chat template (the standard
+# Qwen2-VL template, which adds its default system prompt) to [image, instruction], add_generation_prompt=True.
 NORA_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{instruction}<|im_end|>\n"
@@ -89,9 +90,47 @@ def test_weights_follow_init_rule(tiny_ckpt):
 def test_horizon5_fixture_records_horizon(tiny_ckpt_h5):
     ckpt = NoraCheckpoint.load(tiny_ckpt_h5)
     assert (ckpt.time_horizon, ckpt.action_dim) == (5, 7)
-    gen = read_json(tiny_ckpt_h5 / names.GENERATION_CONFIG)
-    # a well-formed 5x7 chunk needs at most 2 tokens per coefficient + <|im_end|>
-    assert gen["max_new_tokens"] >= 2 * 5 * 7 + 1
+
+
+# Qwen2.5-VL-3B-Instruct's generation_config.json as published (huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct,
+# NORA ships it unchanged): no max_new_tokens / max_length, so transformers makes its default 20 new tokens.
+QWEN25VL_3B_GENERATION_CONFIG = {
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.1,
+    "top_p": 0.001,
+    "top_k": 1,
+    "transformers_version": "4.49.0.dev0",
+}
+
+
+@pytest.mark.parametrize("which", ["tiny_ckpt", "tiny_ckpt_h5"])
+def test_generation_config_is_qwen25vl_3b_instructs(request, which):
+    ckpt = request.getfixturevalue(which)
+    gen = read_json(ckpt / names.GENERATION_CONFIG)
+    assert sorted(gen) == sorted(QWEN25VL_3B_GENERATION_CONFIG)  # exactly the real file's keys
+    ids = fixtures.special_ids(fixtures.PRESETS["tiny"].base_vocab)
+    endoftext, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
+    ours = {**gen, "bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643]}
+    assert ours == QWEN25VL_3B_GENERATION_CONFIG  # every value but the vocabulary-dependent ids
+    assert (gen["bos_token_id"], gen["pad_token_id"], gen["eos_token_id"]) == (
+        endoftext,
+        endoftext,
+        [im_end, endoftext],
+    )
+    # the real-shape preset (Qwen's vocabulary) writes the real file byte for byte in content
+    assert (
+        fixtures.generation_config(fixtures.PRESETS["real-shape"].base_vocab) == QWEN25VL_3B_GENERATION_CONFIG
+    )
+    # nothing for transformers to read a length from: generate() falls back to its default (20 new tokens;
+    # tests/export/test_reference.py checks the generated lengths)
+    from transformers import GenerationConfig
+
+    hf = GenerationConfig.from_pretrained(ckpt)
+    assert hf.max_new_tokens is None and hf.max_length is None
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -271,7 +310,7 @@ def test_real_shape_tensor_specs_match_qwen25vl_3b():
     total = sum(s.numel for s in specs)
     assert abs(total - 3.75e9) <= 0.01 * 3.75e9
     vision = sum(s.numel for s in specs if s.name.startswith("visual."))
-    assert abs(vision - 668.7e6) < 0.1e6  # NORA_FACTS: vision 668.7 M
+    assert abs(vision - 668.7e6) < 0.1e6  # Qwen2.5-VL-3B vision tower (vision_config)
     shapes = {s.name: s.shape for s in specs}
     assert shapes["model.embed_tokens.weight"] == (153713, 2048)
     assert "lm_head.weight" not in shapes
