@@ -14,7 +14,8 @@ from nora_edge.policy import NoraPolicy
 
 @pytest.fixture(scope="module")
 def policy(rt_bundle):
-    return NoraPolicy.load(rt_bundle, providers="cpu", threads=1)
+    # random weights: chunks hold automaton-forced tokens, handed out flagged (this file tests input errors)
+    return NoraPolicy.load(rt_bundle, providers="cpu", threads=1, forced_tokens="flag")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_unnorm_key_required_with_several(tiny_ckpt_multikey, tmp_path, image):
     from nora_edge.export.pipeline import export_bundle
 
     path = export_bundle(tiny_ckpt_multikey, tmp_path / "mk", validate=False, progress=False)
-    pol = NoraPolicy.load(path, providers="cpu", threads=1)
+    pol = NoraPolicy.load(path, providers="cpu", threads=1, forced_tokens="flag")
     with pytest.raises(InputError, match="unnorm_key is required.*other_robot"):
         pol.predict_action_chunk(image, "pick")
     a = pol.predict_action_chunk(image, "pick", unnorm_key="fixture_robot")
