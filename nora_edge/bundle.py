@@ -326,6 +326,13 @@ def format_info(info: dict) -> str:
             status = "passed" if res["passed"] else "FAILED"
             err = res.get("max_rel_err")
             err_txt = f" max rel err {err:.2e} (tol {res.get('tolerance')})" if err is not None else ""
+            if "well_formed" in res:  # the shipped runtime vs NORA's reference (export/validate_policy.py)
+                tc = res.get("token_classes", {})
+                err_txt = (
+                    f" ({res['pairs']} pairs, {res['well_formed']} well formed, {res.get('ids_equal')} ids equal,"
+                    f" max action err {res.get('max_action_abs_err', 0.0):.2e} (tol {res.get('action_tolerance')}),"
+                    f" repaired {tc.get('repaired', 0)}, forced {tc.get('forced_continue', 0)})"
+                )
             lines.append(f"validation     {stage}: {status}{err_txt}")
     return "\n".join(lines)
 

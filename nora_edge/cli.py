@@ -79,6 +79,13 @@ def export_cmd(
             help="quantized precisions: write the bundle even if it misses the recipe's fidelity thresholds"
         ),
     ] = False,
+    validation_prompts: Annotated[
+        int, typer.Option(help="held-out (frame, instruction) pairs the shipped runtime is checked on")
+    ] = 3,
+    validation_instructions: Annotated[
+        Path | None,
+        typer.Option(help="text file, one instruction per line, for those pairs (default: generic tasks)"),
+    ] = None,
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -96,10 +103,27 @@ def export_cmd(
             calibration=calibration,
             overwrite=overwrite,
             accept_degraded=accept_degraded,
+            validation_prompts=validation_prompts,
+            validation_instructions=_instructions(validation_instructions),
         )
     except NoraEdgeError as e:
         _fail(e)
     typer.echo(f"bundle written: {path}")
+
+
+def _instructions(path: Path | None) -> list[str] | None:
+    """Non-empty lines of ``path`` (None: the exporter's default list)."""
+    if path is None:
+        return None
+    from nora_edge.errors import InputError
+
+    try:
+        lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except OSError as e:
+        _fail(InputError(f"{path}: cannot read validation instructions ({e})"))
+    if not lines:
+        _fail(InputError(f"{path}: no instruction in the file"))
+    return lines
 
 
 @app.command()

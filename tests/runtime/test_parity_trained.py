@@ -130,6 +130,14 @@ def test_export_records_the_runtime_check(trained) -> None:
     assert v["prompt_ids"]["passed"] and v["preprocess"]["passed"]
     t = v["decoder_table"]
     assert t["prompts"] == N_PAIRS and t["max_rel_err"] <= t["tolerance"] < t["rounding_effect_max_rel"]
+    from nora_edge.bundle import format_info
+
+    line = [x for x in format_info(Bundle.load(trained.bundle).info()).splitlines() if " policy:" in x]
+    assert line == [
+        f"validation     policy: passed ({N_PAIRS} pairs, {p['well_formed']} well formed, {p['ids_equal']} ids "
+        f"equal, max action err {p['max_action_abs_err']:.2e} (tol {ACTION_ATOL}), repaired "
+        f"{p['token_classes']['repaired']}, forced {p['token_classes']['forced_continue']})"
+    ]
 
 
 def _staged_copy(bundle_dir: Path, dst: Path) -> tuple[Path, dict]:
