@@ -167,6 +167,12 @@ def test_stream_holds_one_weight_at_a_time(tmp_path, rng):
     np.testing.assert_array_equal(run(tmp_path / "q.onnx", x), run(inline, x))
 
 
+def _has_vnni() -> bool:
+    from tests.export.test_quantize import _has_vnni as has
+
+    return has()
+
+
 def test_gemm_with_external_weight_is_rewritten_then_streamed(tmp_path, rng):
     model = mlp(rng, [64, 96, 40], gemm_last=True)
     src = tmp_path / "src" / "m.onnx"
@@ -175,7 +181,9 @@ def test_gemm_with_external_weight_is_rewritten_then_streamed(tmp_path, rng):
     assert res.gemm_rewritten == ("gemm1",) and "gemm1_MatMul" in res.nodes_quantized
     x = rng.standard_normal((4, 64)).astype(np.float32)
     a, b = run(src, x).astype(np.float64), run(tmp_path / "q.onnx", x).astype(np.float64)
-    assert (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()) > 0.999
+    # 0.999 where onnxruntime's int8 GEMM has VNNI; without it (AVX2 u8s8) its int16 pair sums saturate
+    # (measured 0.9956 on an AMD EPYC without VNNI, 2026-11-30; see tests/export/test_quantize.py)
+    assert (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()) > (0.999 if _has_vnni() else 0.99)
 
 
 def test_bad_external_data_is_an_export_error(tmp_path, rng):
