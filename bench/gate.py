@@ -2,7 +2,7 @@
 suspected regression by re-measuring before failing.
 
 Data flow: report dict (``run.run_bench``) -> ``gate_baseline.gate_metrics`` (fastest stage sample / ``unit_ms``,
-the fastest run of a fixed GEMM + GEMV yardstick sampled between steps, so a slower machine is not a regression;
+the fastest run of a fixed GEMM yardstick sampled between steps, so a slower machine is not a regression;
 memory in MB; token-class rates) -> :func:`compare` with the baseline (``bench/baselines/ci.json``, the median of
 several bench processes: ``gate_baseline``) -> :class:`GateResult`
 (ok, one row per metric, readable diff). A gated stage over the limit is only a suspect: :func:`confirm` has the
@@ -22,7 +22,7 @@ moves it as much as every other quantile.
 Why confirm by re-measuring: while another runnable process shares the bench's core, a stage longer than the
 scheduler's time slice is preempted on nearly every run, so even its fastest sample carries someone else's
 slice (measured on a 2-vCPU VM with a CPU hog and other jobs: the fastest 4.6 ms vision sample of a 2.6 s window
-read 3.1-5.3x the yardstick instead of 1.67x for 10-20 s stretches, while the ~1.4 ms yardstick halves stayed
+read 3.1-5.3x the yardstick instead of 1.67x for 10-20 s stretches, while the yardstick's ~1.5 ms runs stayed
 clean). Such stretches end; a slower code path does not. Only more samples spread over time, pooled, tell them
 apart: the pooled fastest sample can only move down towards the code's own speed, never below it, so a real
 30% slowdown stays over a 15% limit however long it is re-measured. The budget is time (CONFIRM_SECONDS), not a
@@ -222,7 +222,12 @@ def compare(report: dict, baseline: dict, max_regression: float = 0.15) -> GateR
         elif row["status"] == "REGRESSION":
             row["note"] = "not re-measured"
         rows.append(row)
-    if base.get("memory_kind") == cur["memory_kind"] and base["memory_mb"] > 0:
+    if base.get("memory_kind") != cur["memory_kind"]:
+        raise InputError(
+            f"baseline memory is {base.get('memory_kind')!r}, this run's is {cur['memory_kind']!r} (not comparable); "
+            "record a new one with --update-baseline"
+        )
+    if base["memory_mb"] > 0:
         rows.append(
             _row(f"memory ({cur['memory_kind']})", base["memory_mb"], cur["memory_mb"], max_regression)
         )

@@ -1,11 +1,12 @@
 """``nora-edge bench``: time a bundle on this machine, optionally side by side with the PyTorch reference.
 
 Data flow: bundle dir -> NoraPolicy (ORT, ``forced_tokens="flag"``: chunks the model did not fully choose are
-timed and counted, not refused) [+ ReferencePolicy on the checkpoint, imported lazily] -> microbench (host
-peaks) -> warmup -> ``steps`` interleaved inferences on the same deterministic images (runtime and reference
-alternate who goes first) -> per-stage samples from ``NoraPolicy.last_timings`` + wall-clock e2e + RSS + token
-classes + one yardstick sample per step (``microbench.Yardstick``, the gate's ``unit_ms``) -> statistics
-(``stats``), malformed / repaired / forced_continue rates, speedups, roofline of the bundle's graphs on every
+timed and counted, not refused) [+ ReferencePolicy on the checkpoint, imported lazily] -> warmup -> ``steps``
+interleaved inferences on the same deterministic images (runtime and reference alternate who goes first;
+``steps.StepLoop``) -> per-stage samples from ``NoraPolicy.last_timings`` + wall-clock e2e + RSS and anonymous
+RSS + token classes + one yardstick sample per step (``microbench.Yardstick``, the gate's ``unit_ms``) -> host
+microbenchmark (peaks, after the steps) -> statistics (``stats``), malformed / repaired / forced_continue
+rates, speedups, roofline of the bundle's graphs on every
 profile (``bundle_cost``), OpenVLA-7B on every profile (``baseline7b.bench_section``) -> optional CI gate
 (``gate.confirm``: a suspected stage regression is re-measured with more steps of the same loop before it
 counts) -> report.json, report.md and PNG plots in ``out`` (atomic writes).
@@ -13,7 +14,6 @@ counts) -> report.json, report.md and PNG plots in ``out`` (atomic writes).
 
 from __future__ import annotations
 
-import gc
 import resource
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from nora_edge.bench.steps import (
     N_IMAGES,
     Recorder,
     StepLoop,
+    anon_rss_mb,
     bench_images,
     flag_warnings_counted,
     rss_mb,
@@ -99,6 +100,11 @@ def speedups(rt: dict, ref: dict) -> dict:
         ref_tok = f["median"] / ref["tokens_per_chunk"]["median"]
         out["per_generated_token"] = ref_tok / rt_tok
     return out
+
+
+def yardstick_name() -> str:
+    """What the yardstick times (part of the gate's identity: a baseline timed against another one is refused)."""
+    return "fp32 MatMul " + " + ".join("x".join(map(str, shape)) for shape in Yardstick.SHAPES)
 
 
 def load_policy(bundle, policy, threads: int | None, constrained: bool):
@@ -183,8 +189,6 @@ def run_bench(
     horizon = policy.time_horizon
     ref = load_reference(reference, horizon, threads, reference_quant) if reference is not None else None
     deadline_ms = 1e3 * horizon / hz
-    host = host_profile(measure_host(threads))
-    gc.collect()  # free the microbenchmark's sessions now, not at a collection during the timed steps (RSS)
     loop = StepLoop(policy, ref, bench_images(N_IMAGES, seed), instruction, unnorm_key, Yardstick(threads))
     with flag_warnings_counted():
         for i in range(warmup):
@@ -192,14 +196,19 @@ def run_bench(
             run_runtime_step(policy, img, instruction, unnorm_key, Recorder())
             if ref is not None:
                 run_reference_step(ref, img, instruction, unnorm_key, Recorder())
-        rt, rf, rss_peak = Recorder(), Recorder(), rss_mb()
+        rt, rf, rss_start, anon_start = Recorder(), Recorder(), rss_mb(), anon_rss_mb()
         bar = _progress(progress, steps)
         wall0 = time.perf_counter()
-        rss_peak = max(rss_peak, loop.run(steps, rt, rf, bar))
+        rss_peak, anon_peak = loop.run(steps, rt, rf, bar)
+        rss_peak = max(rss_start, rss_peak)
+        anon_peak = None if anon_peak is None or anon_start is None else max(anon_start, anon_peak)
         wall = time.perf_counter() - wall0
         if bar:
             bar.stop()
         unit_samples = list(loop.yardstick.samples_ms)
+        # the host microbenchmark runs after the timed steps: its 64 MB weights leave 2-26 MB of freed but
+        # resident heap behind (varying run to run), which the steps' memory peak must not count
+        host = host_profile(measure_host(threads))
         runtime = summarize_kind(rt, steps, horizon, deadline_ms)
         result = {
             "schema": 1,
@@ -221,11 +230,12 @@ def run_bench(
                 "reference_quant": reference_quant,
             },
             "host": host_profile_json(host),
-            "unit_ms": {"samples": unit_samples, "min": min(unit_samples)},
+            "unit_ms": {"samples": unit_samples, "min": min(unit_samples), "yardstick": yardstick_name()},
             "runtime": runtime,
             "memory": {
                 "policy_rss_mb": policy_rss,
                 "rss_peak_mb": rss_peak,
+                "anon_rss_peak_mb": anon_peak,
                 "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
             },
             "wall_s": wall,

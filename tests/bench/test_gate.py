@@ -1,7 +1,11 @@
-"""The CI gate on real runs of the tiny bundle: an unchanged run passes; a run whose vision stage is slowed by 30%
-(a busy wait injected after the policy's vision stage function, not edited numbers) fails after re-measurement,
-naming the stage; a slowdown present only during the first pass (what another process on the core does) is
-re-measured and not counted. Verdicts are recomputed from the raw samples the report holds."""
+"""The CI gate on real runs of the tiny bundle: an unchanged run passes; a run whose decode steps are slowed by 30%
+(a busy wait injected after the policy's decoder forward, not edited numbers) fails after re-measurement, naming
+the stage; a slowdown present only during the first pass (what another process on the core does) is re-measured
+and not counted. Verdicts are recomputed from the raw samples the report holds.
+
+The slowed stage is the decode step (~0.3 ms): its fastest sample stays clean even while other processes share
+the core, so these verdicts hold on a loaded machine; the 4.6 ms vision stage is preempted on nearly every run
+in such stretches (see ``nora_edge.bench.gate``), which is what the gate's re-measurement is for."""
 
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def slowed(fn, seconds: float, calls: int | None = None):
 @pytest.fixture(scope="module")
 def runs(tiny_bundle_h5, tmp_path_factory):
     """Baseline (median of three runs), unchanged, slowed and first-pass-only slowed runs of one loaded policy
-    (ORT on 1 thread); the slowdown is 30% of the baseline's vision stage."""
+    (ORT on 1 thread); the slowdown is 30% of the baseline's decode step, added to every decoder forward (the
+    prefill's too: +4% of it)."""
     from nora_edge.policy import NoraPolicy
 
     tmp = tmp_path_factory.mktemp("gate")
@@ -69,13 +74,17 @@ def runs(tiny_bundle_h5, tmp_path_factory):
     gate.write_baseline(baseline, recorded)
     base = recorded[0]
     same = run_bench(None, out=tmp / "same", **kw)
-    extra_s = 0.30 * json.loads(baseline.read_text())["metrics"]["stages_ms"]["vision"] / 1e3
-    vision = policy.image_embeds
-    policy.image_embeds = slowed(vision, extra_s, calls=WARMUP + STEPS)  # first pass only
+    extra_s = 0.30 * json.loads(baseline.read_text())["metrics"]["stages_ms"]["decode_step"] / 1e3
+    forward = policy.decoder.forward
+    # decoder forwards of the first pass: one per generated token (the prefill, then a step per further token);
+    # tokens per frame are deterministic, and chunk i of a pass runs frame i % 4
+    tokens = same["samples"]["runtime"]["tokens"]
+    first_pass = sum(tokens[i % 4] for i in range(WARMUP)) + sum(tokens)
+    policy.decoder.forward = slowed(forward, extra_s, calls=first_pass)
     transient = run_bench(None, out=tmp / "transient", **kw)
-    policy.image_embeds = slowed(vision, extra_s)
+    policy.decoder.forward = slowed(forward, extra_s)
     slow = run_bench(None, out=tmp / "slow", **{**kw, "confirm_seconds": SLOW_BUDGET_S})
-    policy.image_embeds = vision
+    policy.decoder.forward = forward
     return {
         "baseline": baseline,
         "base": base,
@@ -101,52 +110,53 @@ def test_stage_slowed_by_30_percent_fails_after_remeasurement_and_is_named(runs)
     result = runs["slow"]["gate"]
     assert not result["ok"], result["text"]
     failed = [r["metric"] for r in result["rows"] if r["status"] == "REGRESSION"]
-    assert "vision (norm)" in failed, result["text"]
-    vision = _row(result, "vision (norm)")
-    assert vision["change"] > 0.15 and vision["first_change"] > 0.15
-    assert "reproduced when re-measured" in vision["note"]
+    assert "decode_step (norm)" in failed, result["text"]
+    step = _row(result, "decode_step (norm)")
+    assert step["change"] > 0.15 and step["first_change"] > 0.15
+    assert "reproduced when re-measured" in step["note"]
     conf = result["confirmation"]
-    assert "vision" in conf["stages"] and conf["reproduced"]["vision"] is True
+    assert "decode_step" in conf["stages"] and conf["reproduced"]["decode_step"] is True
     # the budget was spent before failing: rounds ran until confirm_seconds passed
     assert conf["seconds"] >= SLOW_BUDGET_S and conf["rounds"] >= 1
-    # the slowed stage is the worst regression; decode steps and memory are untouched
-    worst = max((r for r in result["rows"] if r["status"] == "REGRESSION"), key=lambda r: r["change"])
-    assert worst["metric"] == "vision (norm)", result["text"]
-    assert all(
-        r["change"] < 0.15 for r in result["rows"] if r["metric"].startswith(("decode_step", "memory"))
-    )
-    assert "re-measured" in result["text"] and "vision" in result["text"] and "FAIL" in result["text"]
+    assert _row(result, "memory (anon_rss_peak_mb)")["change"] < 0.15
+    assert "re-measured" in result["text"] and "decode_step" in result["text"] and "FAIL" in result["text"]
 
 
 def test_confirmation_numbers_follow_from_the_raw_samples(runs):
+    base = json.loads(runs["baseline"].read_text())["metrics"]["normalized"]["decode_step"]
     for name in ("slow", "transient"):
         rep = runs[name]
         conf, summary = rep["confirmation"], rep["gate"]["confirmation"]
-        # every re-measured step decoded (constrained decoding), one vision sample and one yardstick sample each
-        steps = conf["rounds"] * conf["steps_per_round"]
-        assert len(conf["samples"]["vision"]) == steps == summary["samples"]["vision"], name
-        assert len(conf["unit_ms"]) == steps == summary["unit_samples"], name
-        base = json.loads(runs["baseline"].read_text())["metrics"]["normalized"]["vision"]
-        first = rep["samples"]["runtime"]["vision"]
-        pooled = min(first + conf["samples"]["vision"]) / min(rep["unit_ms"]["samples"] + conf["unit_ms"])
-        row = _row(rep["gate"], "vision (norm)")
+        # each re-measured step: one inference (a decode step per token after the first), one yardstick sample;
+        # chunk i of a round runs frame i % 4, whose token count the first pass recorded
+        tokens = rep["samples"]["runtime"]["tokens"]
+        per_round = sum(tokens[i % 4] - 1 for i in range(conf["steps_per_round"]))
+        assert len(conf["samples"]["decode_step"]) == conf["rounds"] * per_round, name
+        assert summary["samples"]["decode_step"] == len(conf["samples"]["decode_step"]), name
+        assert len(conf["unit_ms"]) == conf["rounds"] * conf["steps_per_round"] == summary["unit_samples"], (
+            name
+        )
+        first = rep["samples"]["runtime"]["decode_step"]
+        unit = min(rep["unit_ms"]["samples"] + conf["unit_ms"])
+        pooled = min(first + conf["samples"]["decode_step"]) / unit
+        row = _row(rep["gate"], "decode_step (norm)")
         assert row["current"] == pytest.approx(pooled, rel=1e-12), name
         assert row["change"] == pytest.approx(pooled / base - 1, rel=1e-12), name
         assert row["first_pass"] == pytest.approx(min(first) / min(rep["unit_ms"]["samples"]), rel=1e-12)
-        assert summary["after"]["vision"]["change"] == row["change"]
+        assert summary["after"]["decode_step"]["change"] == row["change"]
 
 
 def test_first_pass_only_slowdown_is_remeasured_and_not_counted(runs):
     rep = runs["transient"]
     result = rep["gate"]
-    vision = _row(result, "vision (norm)")
-    assert vision["first_change"] > 0.15, result["text"]  # flagged in the first pass ...
-    assert result["ok"] and vision["status"] == "ok", result["text"]  # ... not reproduced
-    assert "not reproduced when re-measured" in vision["note"]
+    step = _row(result, "decode_step (norm)")
+    assert step["first_change"] > 0.15, result["text"]  # flagged in the first pass ...
+    assert step["status"] == "ok" and "not reproduced when re-measured" in step["note"], result["text"]
+    assert result["ok"], result["text"]  # ... not reproduced
     conf = result["confirmation"]
-    assert conf["reproduced"]["vision"] is False and conf["after"]["vision"]["change"] <= 0.15
+    assert conf["reproduced"]["decode_step"] is False and conf["after"]["decode_step"]["change"] <= 0.15
     md = (runs["tmp"] / "transient" / "report.md").read_text()
-    assert "re-measured vision" in md and "not reproduced" in md
+    assert "re-measured" in md and "decode_step" in md and "not reproduced" in md
 
 
 def test_cli_reaches_the_runs_verdict_from_the_saved_report(runs, capsys):
@@ -157,7 +167,7 @@ def test_cli_reaches_the_runs_verdict_from_the_saved_report(runs, capsys):
     assert "not reproduced" in capsys.readouterr().out
     assert gate.main([str(tmp / "slow" / "report.json"), "--against", str(baseline)]) == 1
     out = capsys.readouterr().out
-    assert "vision (norm)" in out and "re-measured vision" in out
+    assert "decode_step (norm)" in out and "re-measured" in out and "reproduced when re-measured" in out
     assert gate.main([str(tmp / "same" / "report.json"), "--against", str(tmp / "missing.json")]) == 2
 
 
@@ -176,7 +186,10 @@ def test_update_baseline_rewrites_the_file(runs, tmp_path):
     result = gate.check(runs["tmp"] / "slow" / "report.json", target, update_baseline=True)
     assert result.ok  # a run compared with itself
     stored = json.loads(target.read_text())
-    assert stored["metrics"]["stages_ms"]["vision"] == runs["slow"]["runtime"]["stages"]["vision"]["min"]
+    assert (
+        stored["metrics"]["stages_ms"]["decode_step"]
+        == runs["slow"]["runtime"]["stages"]["decode_step"]["min"]
+    )
     assert stored["identity"]["mode"] == "constrained" and stored["identity"]["head"] == "action"
 
 
@@ -193,12 +206,12 @@ def test_baseline_is_the_median_of_several_bench_processes(runs, tmp_path, capsy
         norm = [runs[n]["runtime"]["stages"][stage]["min"] / runs[n]["unit_ms"]["min"] for n in names]
         assert stored["metrics"]["normalized"][stage] == pytest.approx(statistics.median(norm), rel=1e-12)
         assert [r["normalized"][stage] for r in stored["runs"]] == pytest.approx(norm, rel=1e-12)
-    assert stored["metrics"]["memory_mb"] == statistics.median(
-        runs[n]["memory"]["rss_peak_mb"] for n in names
-    )
+    memory = [runs[n]["memory"]["anon_rss_peak_mb"] for n in names]
+    assert stored["metrics"]["memory_kind"] == "anon_rss_peak_mb" and all(m > 0 for m in memory)
+    assert stored["metrics"]["memory_mb"] == statistics.median(memory)
     # the one slowed process out of three does not become the baseline
-    slow_vision = runs["slow"]["runtime"]["stages"]["vision"]["min"] / runs["slow"]["unit_ms"]["min"]
-    assert stored["metrics"]["normalized"]["vision"] < slow_vision
+    slow = runs["slow"]["runtime"]["stages"]["decode_step"]["min"] / runs["slow"]["unit_ms"]["min"]
+    assert stored["metrics"]["normalized"]["decode_step"] < slow
     assert "median of 3 bench process(es)" in capsys.readouterr().out
 
 
@@ -219,6 +232,7 @@ def test_reports_for_different_settings_make_no_baseline(runs, tmp_path):
         ("config", "mode", "hf-parity"),
         ("config", "providers", {"vision": ["CUDAExecutionProvider"], "decoder": ["CPUExecutionProvider"]}),
         ("bundle", "head", "full"),
+        ("unit_ms", "yardstick", "fp32 MatMul 64x1024x1024 + 1x2048x4096"),  # the earlier yardstick
     ],
 )
 def test_baseline_for_other_settings_is_refused_naming_the_field(runs, section, field, value):
@@ -226,6 +240,15 @@ def test_baseline_for_other_settings_is_refused_naming_the_field(runs, section, 
     other[section][field] = value
     with pytest.raises(InputError, match=f"baseline was recorded for other settings: {field} \\(baseline"):
         gate.compare(other, gate.load_baseline(runs["baseline"]))
+
+
+def test_baseline_with_another_memory_kind_is_refused(runs):
+    stored = gate.load_baseline(runs["baseline"])
+    stored["metrics"]["memory_kind"] = "rss_peak_mb"
+    with pytest.raises(
+        InputError, match="baseline memory is 'rss_peak_mb', this run's is 'anon_rss_peak_mb'"
+    ):
+        gate.compare(runs["same"], stored)
 
 
 def test_malformed_baseline_is_refused(tmp_path):

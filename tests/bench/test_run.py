@@ -52,6 +52,7 @@ def test_statistics_match_the_raw_samples(report):
     tokens = res["samples"]["runtime"]["tokens"]
     assert len(res["samples"]["runtime"]["decode_step"]) == sum(t - 1 for t in tokens)
     assert res["memory"]["policy_rss_mb"] > 0 and res["memory"]["rss_peak_mb"] > 0
+    assert 0 < res["memory"]["anon_rss_peak_mb"] < res["memory"]["rss_peak_mb"]
     assert res["bundle"]["size_bytes"] > 0 and res["bundle"]["horizon"] == 5
 
 
@@ -185,3 +186,27 @@ def test_bench_labels_the_bnb_reference(tiny_bundle_h5, tiny_ckpt_h5, tmp_path):
     assert "vs PyTorch reference (bnb-nf4, bitsandbytes)" in (tmp_path / "report.md").read_text()
     with pytest.raises(InputError, match="needs reference="):
         run_bench(tiny_bundle_h5, reference_quant="bnb-nf4", out=tmp_path, progress=False)
+
+
+def test_anonymous_rss_counts_heap_memory_not_mapped_files(tmp_path):
+    """The gate's memory metric: 40 MB of touched heap raise it by 40 MB; reading a 40 MB mapped file raises the
+    RSS, not it (file pages follow the page cache, not the code)."""
+    import mmap
+
+    import numpy as np
+
+    from nora_edge.bench.steps import anon_rss_mb, rss_mb
+
+    if anon_rss_mb() is None:
+        pytest.skip("no /proc/self/status RssAnon on this OS")
+    blob = tmp_path / "blob"
+    blob.write_bytes(np.random.default_rng(0).bytes(40_000_000))
+    a0, r0 = anon_rss_mb(), rss_mb()
+    with open(blob, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        touched = sum(mm[i] for i in range(0, len(mm), 4096))  # read one byte per page
+        a1, r1 = anon_rss_mb(), rss_mb()
+    heap = np.ones(10_000_000, np.float32)  # 40 MB, written
+    a2 = anon_rss_mb()
+    # the kernel batches its RSS counters per CPU / thread: a few MB of slack
+    assert r1 - r0 > 30 and abs(a1 - a0) < 8, (r0, r1, a0, a1)
+    assert a2 - a1 == pytest.approx(40, abs=8) and heap.sum() == 10_000_000 and touched >= 0
