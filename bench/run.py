@@ -30,7 +30,6 @@ from nora_edge.bench.steps import (
     StepLoop,
     anon_rss_mb,
     bench_images,
-    flag_warnings_counted,
     rss_mb,
     run_reference_step,
     run_runtime_step,
@@ -190,76 +189,75 @@ def run_bench(
     ref = load_reference(reference, horizon, threads, reference_quant) if reference is not None else None
     deadline_ms = 1e3 * horizon / hz
     loop = StepLoop(policy, ref, bench_images(N_IMAGES, seed), instruction, unnorm_key, Yardstick(threads))
-    with flag_warnings_counted():
-        for i in range(warmup):
-            img = loop.images[i % N_IMAGES]
-            run_runtime_step(policy, img, instruction, unnorm_key, Recorder())
-            if ref is not None:
-                run_reference_step(ref, img, instruction, unnorm_key, Recorder())
-        rt, rf, rss_start, anon_start = Recorder(), Recorder(), rss_mb(), anon_rss_mb()
-        bar = _progress(progress, steps)
-        wall0 = time.perf_counter()
-        rss_peak, anon_peak = loop.run(steps, rt, rf, bar)
-        rss_peak = max(rss_start, rss_peak)
-        anon_peak = None if anon_peak is None or anon_start is None else max(anon_start, anon_peak)
-        wall = time.perf_counter() - wall0
-        if bar:
-            bar.stop()
-        unit_samples = list(loop.yardstick.samples_ms)
-        # the host microbenchmark runs after the timed steps: its 64 MB weights leave 2-26 MB of freed but
-        # resident heap behind (varying run to run), which the steps' memory peak must not count
-        host = host_profile(measure_host(threads))
-        runtime = summarize_kind(rt, steps, horizon, deadline_ms)
-        result = {
-            "schema": 1,
-            "bundle": bundle_section(policy.bundle),
-            "config": {
-                "steps": steps,
-                "warmup": warmup,
-                "hz": hz,
-                "threads": threads,
-                "instruction": instruction,
-                "seed": seed,
-                "deadline_ms": deadline_ms,
-                "unnorm_key": unnorm_key,
-                "mode": policy.mode,
-                "head": policy.bundle.actions.head,
-                "forced_tokens": policy.forced_tokens.mode,
-                "providers": policy.providers,
-                "reference": str(reference) if reference else None,
-                "reference_quant": reference_quant,
-            },
-            "host": host_profile_json(host),
-            "unit_ms": {"samples": unit_samples, "min": min(unit_samples), "yardstick": yardstick_name()},
-            "runtime": runtime,
-            "memory": {
-                "policy_rss_mb": policy_rss,
-                "rss_peak_mb": rss_peak,
-                "anon_rss_peak_mb": anon_peak,
-                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
-            },
-            "wall_s": wall,
-            "reference": (
-                summarize_kind(rf, steps, horizon, deadline_ms, classes=False) if ref is not None else None
-            ),
-            "samples": {
-                "runtime": {**rt.samples, "tokens": rt.tokens},
-                "reference_e2e": rf.samples["e2e"] if ref is not None else [],
-                "reference_tokens": rf.tokens,
-                "runtime_wait_ms": rt.wait_ms,
-            },
-        }
-        result["speedup"] = speedups(runtime, result["reference"]) if ref is not None else None
-        if roofline and runtime["tokens_per_chunk"]:  # needs at least one decoded chunk for its lengths
-            tokens = int(round(runtime["tokens_per_chunk"]["median"]))
-            result["roofline"] = roofline_section(policy, instruction, runtime, host, tokens)
-        result["baseline7b"] = baseline7b_section(host, baseline7b, bundle_actions_per_s(result, horizon))
-        if against is not None:
-            if update_baseline:
-                G.write_baseline(Path(against), result)
-            base = G.load_baseline(Path(against))
-            verdict = G.confirm(result, base, max_regression, loop.remeasure, confirm_seconds, confirm_steps)
-            result["gate"] = verdict.to_json()
+    for i in range(warmup):
+        img = loop.images[i % N_IMAGES]
+        run_runtime_step(policy, img, instruction, unnorm_key, Recorder())
+        if ref is not None:
+            run_reference_step(ref, img, instruction, unnorm_key, Recorder())
+    rt, rf, rss_start, anon_start = Recorder(), Recorder(), rss_mb(), anon_rss_mb()
+    bar = _progress(progress, steps)
+    wall0 = time.perf_counter()
+    rss_peak, anon_peak = loop.run(steps, rt, rf, bar)
+    rss_peak = max(rss_start, rss_peak)
+    anon_peak = None if anon_peak is None or anon_start is None else max(anon_start, anon_peak)
+    wall = time.perf_counter() - wall0
+    if bar:
+        bar.stop()
+    unit_samples = list(loop.yardstick.samples_ms)
+    # the host microbenchmark runs after the timed steps: its 64 MB weights leave 2-26 MB of freed but
+    # resident heap behind (varying run to run), which the steps' memory peak must not count
+    host = host_profile(measure_host(threads))
+    runtime = summarize_kind(rt, steps, horizon, deadline_ms)
+    result = {
+        "schema": 1,
+        "bundle": bundle_section(policy.bundle),
+        "config": {
+            "steps": steps,
+            "warmup": warmup,
+            "hz": hz,
+            "threads": threads,
+            "instruction": instruction,
+            "seed": seed,
+            "deadline_ms": deadline_ms,
+            "unnorm_key": unnorm_key,
+            "mode": policy.mode,
+            "head": policy.bundle.actions.head,
+            "forced_tokens": policy.forced_tokens.mode,
+            "providers": policy.providers,
+            "reference": str(reference) if reference else None,
+            "reference_quant": reference_quant,
+        },
+        "host": host_profile_json(host),
+        "unit_ms": {"samples": unit_samples, "min": min(unit_samples), "yardstick": yardstick_name()},
+        "runtime": runtime,
+        "memory": {
+            "policy_rss_mb": policy_rss,
+            "rss_peak_mb": rss_peak,
+            "anon_rss_peak_mb": anon_peak,
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        },
+        "wall_s": wall,
+        "reference": (
+            summarize_kind(rf, steps, horizon, deadline_ms, classes=False) if ref is not None else None
+        ),
+        "samples": {
+            "runtime": {**rt.samples, "tokens": rt.tokens},
+            "reference_e2e": rf.samples["e2e"] if ref is not None else [],
+            "reference_tokens": rf.tokens,
+            "runtime_wait_ms": rt.wait_ms,
+        },
+    }
+    result["speedup"] = speedups(runtime, result["reference"]) if ref is not None else None
+    if roofline and runtime["tokens_per_chunk"]:  # needs at least one decoded chunk for its lengths
+        tokens = int(round(runtime["tokens_per_chunk"]["median"]))
+        result["roofline"] = roofline_section(policy, instruction, runtime, host, tokens)
+    result["baseline7b"] = baseline7b_section(host, baseline7b, bundle_actions_per_s(result, horizon))
+    if against is not None:
+        if update_baseline:
+            G.write_baseline(Path(against), result)
+        base = G.load_baseline(Path(against))
+        verdict = G.confirm(result, base, max_regression, loop.remeasure, confirm_seconds, confirm_steps)
+        result["gate"] = verdict.to_json()
     result["files"] = finish_outputs(result, out, plots)
     return result
 

@@ -22,7 +22,7 @@ import numpy as np
 from nora_edge.bench.report import write_json_atomic
 from nora_edge.bench.run import DEFAULT_INSTRUCTION
 from nora_edge.bench.stats import summarize
-from nora_edge.bench.steps import bench_images, flag_warnings_counted, rss_mb
+from nora_edge.bench.steps import bench_images, rss_mb
 from nora_edge.errors import InputError
 
 
@@ -56,29 +56,28 @@ def run_soak(
         raise InputError(f"soak needs steps >= windows >= 2, got steps={steps}, windows={windows}")
     policy = NoraPolicy.load(bundle, threads=threads, forced_tokens="flag")
     images = bench_images(16, seed=0)
-    with flag_warnings_counted():
-        for i in range(warmup):
-            policy.run_chunk(images[i % len(images)], DEFAULT_INSTRUCTION)
-        rss0 = rss_mb()
-        per_window = steps // windows
-        lat, rss, win = [], [], []
-        t_start = time.perf_counter()
-        for w in range(windows):
-            samples, flagged = [], 0
-            for i in range(per_window):
-                t0 = time.perf_counter()
-                chunk = policy.run_chunk(images[(w * per_window + i) % len(images)], DEFAULT_INSTRUCTION)
-                samples.append(1e3 * (time.perf_counter() - t0))
-                flagged += chunk.flagged
-            lat.extend(samples)
-            rss.append(rss_mb())
-            win.append({"window": w, "rss_mb": rss[-1], "flagged_chunks": flagged, **summarize(samples)})
-            if progress:
-                print(
-                    f"window {w + 1}/{windows}: rss {rss[-1]:.1f} MB, median {win[-1]['median']:.2f} ms, "
-                    f"p99 {win[-1]['p99']:.2f} ms, {flagged} chunks with tokens the model did not choose",
-                    flush=True,
-                )
+    for i in range(warmup):
+        policy.run_chunk(images[i % len(images)], DEFAULT_INSTRUCTION)
+    rss0 = rss_mb()
+    per_window = steps // windows
+    lat, rss, win = [], [], []
+    t_start = time.perf_counter()
+    for w in range(windows):
+        samples, flagged = [], 0
+        for i in range(per_window):
+            t0 = time.perf_counter()
+            chunk = policy.run_chunk(images[(w * per_window + i) % len(images)], DEFAULT_INSTRUCTION)
+            samples.append(1e3 * (time.perf_counter() - t0))
+            flagged += chunk.flagged
+        lat.extend(samples)
+        rss.append(rss_mb())
+        win.append({"window": w, "rss_mb": rss[-1], "flagged_chunks": flagged, **summarize(samples)})
+        if progress:
+            print(
+                f"window {w + 1}/{windows}: rss {rss[-1]:.1f} MB, median {win[-1]['median']:.2f} ms, "
+                f"p99 {win[-1]['p99']:.2f} ms, {flagged} chunks with tokens the model did not choose",
+                flush=True,
+            )
     growth = rss[-1] / rss[0] - 1  # steady state: from the end of the first window
     drift = win[-1]["p99"] / win[0]["p99"] - 1
     record = {

@@ -8,11 +8,8 @@ policy kind (stage samples from ``NoraPolicy.last_timings``, wall-clock e2e, tok
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,18 +64,6 @@ def rss_mb() -> float:
     except ImportError as e:
         raise InputError("the bench needs psutil: pip install 'nora-edge[bench]'") from e
     return psutil.Process(os.getpid()).memory_info().rss / 1e6
-
-
-@contextmanager
-def flag_warnings_counted() -> Iterator[None]:
-    """Silence the policy's per-chunk warning about flagged chunks while the bench counts them itself."""
-    logger = logging.getLogger("nora_edge.policy")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class Recorder:

@@ -39,7 +39,7 @@ import numpy as np
 from nora_edge.atomic import write_text_atomic
 from nora_edge.errors import InputError
 
-from .fidelity_runs import PolicyRun, quiet_flagged_chunks, recording_policy, run_nora, run_reference
+from .fidelity_runs import PolicyRun, recording_policy, run_nora, run_reference
 
 REPORT_JSON = "fidelity_report.json"
 REPORT_MD = "fidelity_report.md"
@@ -353,21 +353,20 @@ def fidelity_report(
     """
     if not samples:
         raise InputError("fidelity_report: no held-out samples")
-    with quiet_flagged_chunks():  # the classes are counted in the records
-        is_torch_ref = type(reference).__name__ == "ReferencePolicy"
-        # one model loaded at a time: every reference run first (a 3B fp32 bundle holds ~14 GB)
-        ref = reference if is_torch_ref else recording_policy(reference, constrained=constrained)
-        run_ref = run_reference if is_torch_ref else run_nora
-        ref_runs = [run_ref(ref, s.image, s.instruction, unnorm_key) for s in samples]
-        del ref
-        test = recording_policy(candidate, constrained=constrained)
-        records = []
-        for i, (s, r) in enumerate(zip(samples, ref_runs, strict=True)):
-            run = run_nora(test, s.image, s.instruction, unnorm_key)
-            dec = None
-            if r.image_embeds is not None:
-                dec = run_nora(test, s.image, s.instruction, unnorm_key, image_embeds=r.image_embeds)
-            records.append(compare_runs(i, s.instruction, r, run, gripper_dim, dec))
+    is_torch_ref = type(reference).__name__ == "ReferencePolicy"
+    # one model loaded at a time: every reference run first (a 3B fp32 bundle holds ~14 GB)
+    ref = reference if is_torch_ref else recording_policy(reference, constrained=constrained)
+    run_ref = run_reference if is_torch_ref else run_nora
+    ref_runs = [run_ref(ref, s.image, s.instruction, unnorm_key) for s in samples]
+    del ref
+    test = recording_policy(candidate, constrained=constrained)
+    records = []
+    for i, (s, r) in enumerate(zip(samples, ref_runs, strict=True)):
+        run = run_nora(test, s.image, s.instruction, unnorm_key)
+        dec = None
+        if r.image_embeds is not None:
+            dec = run_nora(test, s.image, s.instruction, unnorm_key, image_embeds=r.image_embeds)
+        records.append(compare_runs(i, s.instruction, r, run, gripper_dim, dec))
     names = labels or (_label(reference), _label(candidate))
     meta = {
         "reference": names[0],

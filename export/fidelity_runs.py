@@ -8,26 +8,11 @@ sessions wrapped in ``RecordingSession`` so the image embeddings and every step'
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from nora_edge.errors import DetokenizationError
-
-
-@contextmanager
-def quiet_flagged_chunks() -> Iterator[None]:
-    """Silence the runtime's per-chunk warning about flagged chunks while a study counts them itself."""
-    logger = logging.getLogger("nora_edge.policy")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,7 @@ formed (random weights) compares no ids; the manifest says so (``well_formed: 0`
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -227,18 +224,6 @@ def compare_hf_parity(policy, cases: list) -> dict:
     }
 
 
-@contextlib.contextmanager
-def quiet_policy_log() -> Iterator[None]:
-    """Silence the runtime's per-chunk warning about flagged chunks; validation counts them instead."""
-    logger = logging.getLogger("nora_edge.policy")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def check_runtime(staging: Path, sections: dict, cases: list) -> dict:
     """Load the shipped runtime from ``staging`` and compare it with the references; manifest entries.
 
@@ -250,7 +235,7 @@ def check_runtime(staging: Path, sections: dict, cases: list) -> dict:
     b = staged_bundle(staging, sections)
     end_ids = set(b.actions.end_ids) | set(b.generation.eos_token_ids)
     head = {int(i) for i in b.actions.head_rows}
-    with quiet_policy_log(), NoraPolicy.load(b, providers="cpu", forced_tokens="flag") as policy:
+    with NoraPolicy.load(b, providers="cpu", forced_tokens="flag") as policy:
         results = check_inputs(policy, cases)
         results["policy"] = compare_constrained(policy, cases, end_ids, head)
         results["policy"]["head"] = b.actions.head

@@ -322,8 +322,10 @@ class NoraPolicy:
             actions, normalized, result.ids, fast_ids, result.stopped, stats.key,
             result.classes, result.top_ids, self.mode,
         )  # fmt: skip
-        if out.flagged:
-            log.warning("chunk holds tokens the model did not choose: %s", out.class_counts)
+        if (
+            out.flagged
+        ):  # "raise" refuses it below; under "flag" the caller opted in and reads ChunkOutput.flagged
+            log.info("chunk holds tokens the model did not choose: %s", out.class_counts)
         check_forced_tokens(out, self.forced_tokens)
         self.last_timings = {
             "preprocess": t1 - t0,

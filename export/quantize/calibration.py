@@ -172,7 +172,6 @@ def record_feeds(
     Raises:
         InputError: no samples.
     """
-    from nora_edge.export.fidelity_runs import quiet_flagged_chunks
     from nora_edge.policy import NoraPolicy
 
     samples = list(samples)
@@ -183,11 +182,10 @@ def record_feeds(
     vision, decoder = attach_recorders(policy)
     key = unnorm_key if unnorm_key is not None else sorted(policy.bundle.norm_stats)[0]
     prefills, steps = [], []
-    with quiet_flagged_chunks():
-        for s in progress_iter(samples, "calibration: running the fp32 bundle", len(samples)):
-            start = len(decoder.feeds)
-            policy.run_chunk(s.image, s.instruction, key)
-            prefills.append(decoder.feeds[start])
-            steps.extend(decoder.feeds[start + 1 :])
+    for s in progress_iter(samples, "calibration: running the fp32 bundle", len(samples)):
+        start = len(decoder.feeds)
+        policy.run_chunk(s.image, s.instruction, key)
+        prefills.append(decoder.feeds[start])
+        steps.extend(decoder.feeds[start + 1 :])
     room = max(max_decoder_feeds - len(prefills), 0)
     return {"vision": vision.feeds, "decoder": prefills + (thin(steps, room) if room else [])}
