@@ -75,7 +75,7 @@ export-real: fixture-real
 bench-real: export-real
 	for p in int8 int4; do test -f $(OUT)/bundle-real-$$p/manifest.json || /usr/bin/time -v $(VENV)/bin/nora-edge quantize $(OUT)/bundle-real-fp32 --out $(OUT)/bundle-real-$$p --recipe $$p --accept-degraded 2> $(OUT)/quant-real-$$p.time || exit 1; done
 	$(PY) -m nora_edge.bench.baseline7b $(OUT)/bench-real-baseline7b
-	for b in fp32 int8 int4; do $(VENV)/bin/nora-edge bench $(OUT)/bundle-real-$$b --steps 10 --warmup 2 $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) --out $(OUT)/bench-real-$$b || exit 1; done
+	for b in fp32 int8 int4; do $(VENV)/bin/nora-edge bench $(OUT)/bundle-real-$$b --steps 10 --warmup 2 $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) --baseline7b $(OUT)/bench-real-baseline7b/baseline7b.json --out $(OUT)/bench-real-$$b || exit 1; done
 	$(PY) -m nora_edge.bench.summary $(OUT)
 
 soak: $(OUT)/ci/bundle
