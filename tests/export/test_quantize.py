@@ -36,6 +36,7 @@ from nora_edge.export.quantize import (
 from nora_edge.export.quantize.fp16 import FP16_MAX
 from nora_edge.export.quantize.graph import find_head_nodes, model_size, topological_sort
 from nora_edge.export.quantize.recipes import BundleRecipe
+from tests.cpu_features import has_vnni
 
 U16, U32 = 2.0**-11, 2.0**-24  # unit roundoff of fp16 and fp32
 
@@ -311,19 +312,11 @@ NOISE_MIN, NOISE_MAX = (
 )  # measured RMS error / predicted, for the uniform-noise model (measured ~0.9-1.0)
 
 
-def _has_vnni() -> bool:
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return True
-    return "vnni" in flags
-
-
 # onnxruntime's x86 int8 GEMM without VNNI (AVX2 u8s8 via vpmaddubsw) saturates int16 pair sums, which onnxruntime's
 # quantization docs name as the reason for reduce_range on such CPUs. Measured on an AMD EPYC without VNNI
 # (2026-11-30): int8 dynamic noise 6.8x and QDQ 2.4x the uniform-noise prediction, still inside the hard error
 # bound (assert_within). The int8 noise ceiling there is that measurement with margin; an open item, not a pass.
-INT8_NOISE_MAX = NOISE_MAX if _has_vnni() else 10.0
+INT8_NOISE_MAX = NOISE_MAX if has_vnni() else 10.0
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from nora_edge.errors import ExportError
 from nora_edge.export.quantize import Int8DynamicRecipe, WeightOnlyRecipe, apply_recipe
 from nora_edge.export.quantize.graph import save_model_atomic
 from nora_edge.export.quantize.stream import PAGE, WeightSource, stream_quantize
+from tests.cpu_features import has_vnni
 
 
 def mlp(rng, dims: list[int], *, gemm_last: bool = False) -> onnx.ModelProto:
@@ -167,12 +168,6 @@ def test_stream_holds_one_weight_at_a_time(tmp_path, rng):
     np.testing.assert_array_equal(run(tmp_path / "q.onnx", x), run(inline, x))
 
 
-def _has_vnni() -> bool:
-    from tests.export.test_quantize import _has_vnni as has
-
-    return has()
-
-
 def test_gemm_with_external_weight_is_rewritten_then_streamed(tmp_path, rng):
     model = mlp(rng, [64, 96, 40], gemm_last=True)
     src = tmp_path / "src" / "m.onnx"
@@ -183,7 +178,7 @@ def test_gemm_with_external_weight_is_rewritten_then_streamed(tmp_path, rng):
     a, b = run(src, x).astype(np.float64), run(tmp_path / "q.onnx", x).astype(np.float64)
     # 0.999 where onnxruntime's int8 GEMM has VNNI; without it (AVX2 u8s8) its int16 pair sums saturate
     # (measured 0.9956 on an AMD EPYC without VNNI, 2026-11-30; see tests/export/test_quantize.py)
-    assert (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()) > (0.999 if _has_vnni() else 0.99)
+    assert (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()) > (0.999 if has_vnni() else 0.99)
 
 
 def test_bad_external_data_is_an_export_error(tmp_path, rng):
