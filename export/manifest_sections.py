@@ -4,14 +4,15 @@ Data flow: NoraCheckpoint + its processor (chat template, tokenizer, image proce
 ``source_checkpoint`` (sha256 of config + weight index), ``prompt`` (prefix/suffix ids read off the real chat
 template, mrope info), ``image`` (the runtime ImageSpec's fields), ``actions`` (action range, head rows, end
 ids), ``generation`` (generation_config.json and the length rule HF applies to it), ``codec`` (FAST
-parameters + codec file names), ``norm_stats``; plus :func:`write_codec_files` (FAST files + compiled byte
-table into the staging dir).
+parameters + codec file names), ``norm_stats``, ``postprocess`` (the action chain); plus
+:func:`write_codec_files` (FAST files + compiled byte table into the staging dir).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import PIL.Image
@@ -190,6 +191,34 @@ def codec_section(ckpt: NoraCheckpoint) -> dict:
 
 def norm_stats_section(ckpt: NoraCheckpoint) -> dict:
     return {key: stats.to_json() for key, stats in ckpt.norm_stats.items()}
+
+
+def postprocess_section(
+    ckpt: NoraCheckpoint,
+    stats: str | Path | None = None,
+    stats_key: str = "action",
+    norm_mode: str = "min_max",
+    gripper: Sequence[str] = (),
+) -> list[dict]:
+    """The action post-processing chain (``nora_edge.actions.postprocess``) as the manifest stores it.
+
+    No ``stats``: NORA's q01/q99 by the caller's unnorm key (then ``gripper`` steps); with ``stats`` (a LeRobot
+    dataset root or ``meta/stats.json``-shaped file): ``norm_mode`` unnormalize from its ``stats_key`` feature.
+
+    Raises:
+        ExportError: naming the stats file and field (see ``nora_edge.export.lerobot_stats.build_chain``).
+    """
+    from nora_edge.export.lerobot_stats import build_chain
+
+    chain = build_chain(
+        ckpt.action_dim,
+        ckpt.norm_stats,
+        stats=stats,
+        stats_key=stats_key,
+        norm_mode=norm_mode,
+        gripper=tuple(gripper),
+    )
+    return chain.to_json()
 
 
 def write_codec_files(ckpt: NoraCheckpoint, staging: Path) -> int:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nora_edge import bundle
+from nora_edge import bundle, names
 from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import ExportError
 from nora_edge.export.bundle_writer import BundleWriter
@@ -125,7 +125,15 @@ def export_bundle(
     accept_degraded: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    weights: str | Path | None = None,
+    weights_format: str = "auto",
+    allow_partial: Sequence[str] = (),
     _fail_after: str | None = None,
+    _overlay: dict | None = None,
+    stats: str | Path | None = None,
+    stats_key: str = "action",
+    norm_mode: str = "min_max",
+    gripper: Sequence[str] = (),
 ) -> Path:
     """Export a NORA checkpoint to a bundle directory.
 
@@ -154,12 +162,32 @@ def export_bundle(
             thresholds vs the fp32 bundle (``quantize_bundle``; recorded in its manifest).
         overwrite: replace an existing bundle at ``out``.
         progress: show a rich progress bar.
+        weights: fine-tuned weights to overlay onto ``checkpoint`` (then the base directory): a safetensors
+            file, an index, or the directory accelerate's ``save_state`` wrote (weights_overlay.py); every key
+            must match a base parameter. The overlaid checkpoint lives in a temporary sibling of ``out``
+            (removed whatever happens); its record goes into the manifest's ``source_checkpoint.overlay``.
+        weights_format: "auto", "safetensors" or "accelerate".
+        allow_partial: base parameter names or prefixes the weights may omit (they keep the base's values).
         _fail_after: testing hook: raise ExportError right after this stage (simulates a crash).
+        stats: a LeRobot dataset root or ``meta/stats.json``-shaped file: the manifest's ``postprocess`` chain
+            unnormalizes with its ``stats_key`` feature in ``norm_mode`` ("min_max" as NORA's LeRobot fine-tuning,
+            or "mean_std"); None keeps NORA's q01/q99 by the caller's unnorm key.
+        gripper: gripper steps appended to the chain in order, ``"OP[:DIM]"`` (rescale, binarize, invert).
 
     Returns:
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
     """
+    args = dict(locals())  # every parameter, for the call on the overlaid checkpoint below
     check_options(precision, image_size, head, embeddings_dtype, validation_prompts)
+    if weights is not None:
+        from nora_edge.export.weights_overlay import overlaid_checkpoint
+
+        fast = fast_dir if fast_dir is not None else Path(checkpoint) / names.FAST_SUBDIR
+        with overlaid_checkpoint(
+            checkpoint, weights, out, fmt=weights_format, allow_partial=allow_partial
+        ) as (overlaid, record):
+            args.update(checkpoint=overlaid, fast_dir=fast, weights=None, _overlay=record)
+            return export_bundle(**args)
     if precision != "fp32":
         return export_quantized(
             checkpoint,
@@ -179,9 +207,18 @@ def export_bundle(
                 validation_prompts=validation_prompts,
                 validation_instructions=validation_instructions,
                 progress=progress,
+                _overlay=_overlay,
+                stats=stats,
+                stats_key=stats_key,
+                norm_mode=norm_mode,
+                gripper=tuple(gripper),
             ),
         )
     ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
+    from nora_edge.export.manifest_sections import postprocess_section
+
+    # the action chain: stats/gripper errors (ExportError) surface before any stage runs
+    chain = postprocess_section(ckpt, stats, stats_key, norm_mode, gripper)
     t0 = time.time()
     with stage_progress(progress) as advance, BundleWriter(out, overwrite=overwrite) as writer:
         staging = writer.path
@@ -206,6 +243,9 @@ def export_bundle(
             tuple(validation_instructions) if validation_instructions is not None else None,
         )
         sections = export_graphs(ckpt, staging, opts, done)
+        if _overlay is not None:  # the base directory is the source; the overlaid copy was temporary
+            sections["source_checkpoint"].update(path=_overlay["base_dir"], overlay=_overlay)
+        sections["postprocess"] = chain  # after validation, which compares NORA's q01/q99 actions
         if report:
             writer.write_json(FIDELITY_REPORT, {"precision": precision, "validation": sections["validation"]})
         sections["export"] = {

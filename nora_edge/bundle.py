@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nora_edge.actions.normalize import NormStats
+from nora_edge.actions.postprocess import Chain, default_chain
 from nora_edge.atomic import read_json_object
 from nora_edge.bundle_specs import (
     MANIFEST,
@@ -152,6 +153,8 @@ class Bundle:
         image: the ``image`` section (size, patch_size, temporal_patch_size, merge_size, image_mean,
             image_std, rescale_factor, do_rescale, do_normalize, resample, min_pixels, max_pixels).
         norm_stats: unnorm key -> NormStats.
+        postprocess: the action post-processing chain (manifest section ``postprocess``; a manifest without it
+            holds the default chain, q01_q99 by the caller's unnorm key), validated against ``codec.action_dim``.
     """
 
     path: Path
@@ -163,6 +166,7 @@ class Bundle:
     generation: GenerationSpec
     codec: CodecSpec
     norm_stats: dict[str, NormStats]
+    postprocess: Chain = default_chain()
 
     def file(self, rel: str) -> Path:
         """Absolute path of a manifest-listed file."""
@@ -212,6 +216,11 @@ class Bundle:
         norm_stats = {
             k: NormStats.from_json(k, v, f"{mpath} norm_stats") for k, v in manifest["norm_stats"].items()
         }
+        codec = CodecSpec.from_json(manifest["codec"])
+        chain = default_chain()
+        if "postprocess" in manifest:
+            chain = Chain.from_json(manifest["postprocess"], BundleError, f"{mpath}: postprocess")
+        chain.validate(codec.action_dim, norm_stats, BundleError, f"{mpath}: postprocess")
         return cls(
             path=root,
             manifest=manifest,
@@ -220,8 +229,9 @@ class Bundle:
             image=manifest["image"],
             actions=ActionSpec.from_json(manifest["actions"]),
             generation=GenerationSpec.from_json(manifest["generation"]),
-            codec=CodecSpec.from_json(manifest["codec"]),
+            codec=codec,
             norm_stats=norm_stats,
+            postprocess=chain,
         )
 
     def info(self) -> dict:
@@ -267,6 +277,7 @@ class Bundle:
                 "scale": self.codec.scale,
             },
             "unnorm_keys": sorted(self.norm_stats),
+            "postprocess": self.postprocess.to_json(),
             "generation": m["generation"],
             "validation": m["validation"],
         }
@@ -319,6 +330,9 @@ def format_info(info: dict) -> str:
     )
     lines.append(f"codec          T={codec['time_horizon']} D={codec['action_dim']} scale={codec['scale']}")
     lines.append(f"unnorm keys    {', '.join(info['unnorm_keys'])}")
+    if "postprocess" in info:
+        steps = Chain.from_json(info["postprocess"], BundleError, "postprocess").describe()
+        lines += [f"{'postprocess' if i == 0 else '':<15}{i + 1}. {t}" for i, t in enumerate(steps)]
     if info["validation"].get("kind") == QUANTIZED_VALIDATION:
         return "\n".join(lines + format_quantized_validation(info["validation"]))
     for stage, res in info["validation"].items():

@@ -86,6 +86,32 @@ def export_cmd(
         Path | None,
         typer.Option(help="text file, one instruction per line, for those pairs (default: generic tasks)"),
     ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="fine-tuned weights over CHECKPOINT (the base dir): accelerate save_state dir, "
+            "model.safetensors or a *.safetensors.index.json; every key must match a base parameter"
+        ),
+    ] = None,
+    weights_format: Annotated[str, typer.Option(help="auto | safetensors | accelerate")] = "auto",
+    allow_partial: Annotated[
+        list[str] | None,
+        typer.Option(help="base parameter (or prefix, e.g. visual) the weights may omit; repeatable"),
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(help="LeRobot dataset root or meta/stats.json: unnormalize with it (default: q01/q99)"),
+    ] = None,
+    stats_key: Annotated[str, typer.Option(help="feature of the stats file holding the actions")] = "action",
+    norm_mode: Annotated[
+        str, typer.Option(help="min_max (NORA's LeRobot fine-tuning) | mean_std")
+    ] = "min_max",
+    gripper: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="gripper step after unnormalize, in order, repeatable: rescale|binarize|invert[:DIM]"
+        ),
+    ] = None,
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -105,6 +131,13 @@ def export_cmd(
             accept_degraded=accept_degraded,
             validation_prompts=validation_prompts,
             validation_instructions=_instructions(validation_instructions),
+            weights=weights,
+            weights_format=weights_format,
+            allow_partial=tuple(allow_partial or ()),
+            stats=stats,
+            stats_key=stats_key,
+            norm_mode=norm_mode,
+            gripper=tuple(gripper or ()),
         )
     except NoraEdgeError as e:
         _fail(e)

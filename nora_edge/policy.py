@@ -6,7 +6,8 @@ Data flow per chunk:
   instruction --tokenizers (cached)--> prompt ids/positions --decoder prefill after the cached constant prefix
   (system turn .. <|vision_start|>, prefilled once at load)--> logits + KV
   --greedy (constrained by the FAST automaton, or HF-parity unconstrained)--> generated ids
-  --action ids - base--> FAST ids --byte-table decode (strict)--> normalized (T, D) --q01/q99--> actions (T, D).
+  --action ids - base--> FAST ids --byte-table decode (strict)--> normalized (T, D)
+  --the manifest's postprocess chain (nora_edge.actions.postprocess; default NORA's q01/q99)--> actions (T, D).
 
 Failure policy: every problem raises (InputError for caller input, BundleError for the bundle,
 DetokenizationError for an undecodable output, ForcedTokenError for a chunk holding tokens the model did not
@@ -289,7 +290,8 @@ class NoraPolicy:
     def _run_chunk(self, image: np.ndarray, instruction: str, unnorm_key: str | None) -> ChunkOutput:
         t0 = time.perf_counter()
         self.last_ids = self.last_output = None
-        stats = self.norm_stats(unnorm_key)
+        chain = self.bundle.postprocess
+        stats = chain.stats_for(self.bundle.norm_stats, unnorm_key)  # InputError before any graph runs
         self.prompt.instruction_ids(instruction)  # validate before any graph runs
         pixel_values, grid = preprocess_image(image, self.image_spec)
         t1 = time.perf_counter()
@@ -314,12 +316,12 @@ class NoraPolicy:
         self.last_ids = result.ids  # kept even when the decode below fails (parity studies, logs)
         t4 = time.perf_counter()
         fast_ids, normalized = self.detokenize(result)
-        actions = stats.unnormalize(normalized, apply_mask=False)  # NORA: every dim, mask ignored
+        actions = chain.apply(normalized, stats)  # the manifest's chain, float64 (default: NORA's q01/q99)
         if not np.isfinite(actions).all():
             raise DetokenizationError(f"decoded actions are not finite: {actions.tolist()}")
         t5 = time.perf_counter()
         out = ChunkOutput(
-            actions, normalized, result.ids, fast_ids, result.stopped, stats.key,
+            actions, normalized, result.ids, fast_ids, result.stopped, chain.label(stats),
             result.classes, result.top_ids, self.mode,
         )  # fmt: skip
         if (
