@@ -27,12 +27,13 @@ class ChunkOutput:
     """Everything one inference produced (for parity studies and logs).
 
     Attributes:
-        actions: (T, D) float64 unnormalized actions.
+        actions: (T, D) float64 robot actions: ``normalized`` through the bundle's post-processing chain.
         normalized: (T, D) float64 FAST-decoded actions in [-1, 1] space.
         ids: (N,) int64 generated Qwen ids.
         fast_ids: (K,) int64 FAST ids that were decoded.
         stopped: why generation stopped ("complete", "eos", "max_new_tokens").
-        unnorm_key: the norm-stats key used.
+        unnorm_key: the q01/q99 norm-stats key used, or the fixed statistics' source (e.g.
+            ``meta/stats.json[action]``) when the chain carries its own.
         token_classes: (N,) "model" / "repaired" / "forced_continue" per id (see ``nora_edge.generate``).
         top_ids: (N,) int64 the model's own top choice at each step.
         mode: "constrained" (automaton) or "hf-parity" (unconstrained greedy over a full head).

@@ -126,7 +126,10 @@ def quantize_bundle(
             "held-out samples (n_fidelity >= 1) or pass accept_degraded=True to write it unvalidated"
         )
     source = source_identity(src_b)
-    key = unnorm_key if unnorm_key is not None else sorted(src_b.norm_stats)[0]
+    if unnorm_key is not None or not src_b.postprocess.takes_unnorm_key:
+        key = unnorm_key  # fixed statistics in the chain take no key
+    else:
+        key = sorted(src_b.norm_stats)[0]
     feeds = record_feeds(src_b.path, samples, unnorm_key=key)
     tmp = out.parent / f".{out.name}.quant-{secrets.token_hex(4)}"
     try:

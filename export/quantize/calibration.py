@@ -180,7 +180,10 @@ def record_feeds(
     # "flag": calibration records what the graphs see, including chunks the runtime's default would refuse
     policy = NoraPolicy.load(bundle_path, providers="cpu", verify=False, forced_tokens="flag")
     vision, decoder = attach_recorders(policy)
-    key = unnorm_key if unnorm_key is not None else sorted(policy.bundle.norm_stats)[0]
+    if unnorm_key is not None or not policy.bundle.postprocess.takes_unnorm_key:
+        key = unnorm_key  # fixed statistics in the chain take no key
+    else:
+        key = sorted(policy.bundle.norm_stats)[0]
     prefills, steps = [], []
     for s in progress_iter(samples, "calibration: running the fp32 bundle", len(samples)):
         start = len(decoder.feeds)

@@ -179,3 +179,25 @@ def test_cli_export_chain_options_reach_the_exporter(tiny_ckpt: Path, tmp_path: 
         assert result.exit_code == 2 and "ExportError" in result.output, result.output
         assert message in " ".join(result.output.split()), (message, result.output)
     assert not (tmp_path / "b").exists() and len(cases) == 4
+
+
+def test_quantized_copy_keeps_the_chain(chain_bundle, tmp_path, make_rgb_image):
+    """Quantizing a bundle with fixed (LeRobot) statistics runs its studies without an unnorm key and carries
+    the chain over unchanged; the quantized policy's actions go through it."""
+    import warnings
+
+    from nora_edge.export.quantize import quantize_bundle
+    from nora_edge.policy import NoraPolicy
+
+    path, _ = chain_bundle
+    with warnings.catch_warnings():  # random tiny weights miss the int8 gate: accepted, and recorded
+        warnings.simplefilter("ignore")
+        out = quantize_bundle(
+            path, tmp_path / "q", "int8", n_calibration=2, n_fidelity=2, accept_degraded=True
+        )
+    src, q = Bundle.load(path), Bundle.load(out)
+    assert q.manifest["postprocess"] == src.manifest["postprocess"]
+    assert not q.postprocess.takes_unnorm_key
+    policy = NoraPolicy.load(out, providers="cpu", threads=1, forced_tokens="flag")
+    chunk = policy.run_chunk(make_rgb_image(seed=4), "pick up the cup")
+    assert chunk.actions.shape == chunk.normalized.shape
