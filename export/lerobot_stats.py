@@ -20,6 +20,7 @@ from nora_edge.actions.postprocess import (
     MEAN_STD,
     MIN_MAX,
     MODE_FIELDS,
+    Q01_Q99,
     Chain,
     default_chain,
     gripper_step,
@@ -78,6 +79,7 @@ def build_chain(
     stats_key: str = "action",
     norm_mode: str = MIN_MAX,
     gripper: Sequence[str] = (),
+    mask: Sequence[bool] | None = None,
 ) -> Chain:
     """The manifest's post-processing chain for an export.
 
@@ -88,18 +90,21 @@ def build_chain(
         stats_key: the feature in the stats file ("action").
         norm_mode: "min_max" (NORA's LeRobot fine-tuning) or "mean_std".
         gripper: gripper steps in order, ``"OP[:DIM]"`` (rescale, binarize, invert; DIM default -1).
+        mask: (D,) per-dimension unnormalize mask (False: dimension left as the model produced it), or None.
 
     Raises:
         ExportError: naming the stats file and field (dims != action dim, NaN/inf, min >= max, std <= 0), an
             unknown gripper op, a dim out of range or a step applied twice.
     """
     if stats is None:
-        first = default_chain().steps[0]
+        first = unnormalize_step(
+            Q01_Q99, source=default_chain().steps[0].source, error=ExportError, mask=mask
+        )
     else:
         p, fields = read_stats(stats, stats_key, norm_mode)
         source = f"{p.name if p.name != 'stats.json' else STATS_JSON}[{stats_key}]"
         first = unnormalize_step(
-            norm_mode, fields, source=source, error=ExportError, where=f"{p}: {stats_key}"
+            norm_mode, fields, source=source, error=ExportError, where=f"{p}: {stats_key}", mask=mask
         )
     try:
         steps = [gripper_step(g) for g in gripper]

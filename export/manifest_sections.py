@@ -199,6 +199,7 @@ def postprocess_section(
     stats_key: str = "action",
     norm_mode: str = "min_max",
     gripper: Sequence[str] = (),
+    mask: Sequence[bool] | None = None,
 ) -> list[dict]:
     """The action post-processing chain (``nora_edge.actions.postprocess``) as the manifest stores it.
 
@@ -217,6 +218,7 @@ def postprocess_section(
         stats_key=stats_key,
         norm_mode=norm_mode,
         gripper=tuple(gripper),
+        mask=mask,
     )
     return chain.to_json()
 

@@ -134,6 +134,7 @@ def export_bundle(
     stats_key: str = "action",
     norm_mode: str = "min_max",
     gripper: Sequence[str] = (),
+    mask: Sequence[bool] | None = None,
 ) -> Path:
     """Export a NORA checkpoint to a bundle directory.
 
@@ -173,6 +174,7 @@ def export_bundle(
             unnormalizes with its ``stats_key`` feature in ``norm_mode`` ("min_max" as NORA's LeRobot fine-tuning,
             or "mean_std"); None keeps NORA's q01/q99 by the caller's unnorm key.
         gripper: gripper steps appended to the chain in order, ``"OP[:DIM]"`` (rescale, binarize, invert).
+        mask: (D,) per-dimension unnormalize mask: False leaves that dimension as the model produced it.
 
     Returns:
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
@@ -212,13 +214,14 @@ def export_bundle(
                 stats_key=stats_key,
                 norm_mode=norm_mode,
                 gripper=tuple(gripper),
+                mask=mask,
             ),
         )
     ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
     from nora_edge.export.manifest_sections import postprocess_section
 
     # the action chain: stats/gripper errors (ExportError) surface before any stage runs
-    chain = postprocess_section(ckpt, stats, stats_key, norm_mode, gripper)
+    chain = postprocess_section(ckpt, stats, stats_key, norm_mode, gripper, mask)
     t0 = time.time()
     with stage_progress(progress) as advance, BundleWriter(out, overwrite=overwrite) as writer:
         staging = writer.path

@@ -112,6 +112,12 @@ def export_cmd(
             help="gripper step after unnormalize, in order, repeatable: rescale|binarize|invert[:DIM]"
         ),
     ] = None,
+    mask: Annotated[
+        str | None,
+        typer.Option(
+            help="per-dimension unnormalize mask, e.g. 1,1,1,1,1,1,0 (0: dimension left as produced)"
+        ),
+    ] = None,
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -138,10 +144,23 @@ def export_cmd(
             stats_key=stats_key,
             norm_mode=norm_mode,
             gripper=tuple(gripper or ()),
+            mask=_mask(mask),
         )
     except NoraEdgeError as e:
         _fail(e)
     typer.echo(f"bundle written: {path}")
+
+
+def _mask(text: str | None) -> list[bool] | None:
+    """``"1,1,0"`` -> [True, True, False] (InputError on anything but 0/1 entries)."""
+    if text is None:
+        return None
+    from nora_edge.errors import InputError
+
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or any(p not in ("0", "1") for p in parts):
+        _fail(InputError(f"--mask must be comma-separated 0/1 per action dimension, got {text!r}"))
+    return [p == "1" for p in parts]
 
 
 def _instructions(path: Path | None) -> list[str] | None:

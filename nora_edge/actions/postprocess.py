@@ -328,8 +328,10 @@ def unnormalize_step(
     source: str = "",
     error: type[NoraEdgeError] = InputError,
     where: str = "",
+    mask: Sequence[bool] | None = None,
 ) -> Step:
-    """An unnormalize step: q01_q99 (``key``) or min_max / mean_std with ``stats[min/max or mean/std]``.
+    """An unnormalize step: q01_q99 (``key``) or min_max / mean_std with ``stats[min/max or mean/std]``;
+    ``mask`` (D,) False leaves that dimension as the model produced it.
 
     Raises:
         error: unknown mode, a missing or non-numeric statistic, NaN/inf (range checks: :meth:`Chain.validate`).
@@ -341,6 +343,8 @@ def unnormalize_step(
         d["key"] = key
     for name in MODE_FIELDS[mode]:
         d[name] = (stats or {}).get(name)
+    if mask is not None:
+        d["mask"] = [bool(m) for m in mask]
     return parse_step(d, error, where or source or "stats")
 
 

@@ -201,3 +201,34 @@ def test_quantized_copy_keeps_the_chain(chain_bundle, tmp_path, make_rgb_image):
     policy = NoraPolicy.load(out, providers="cpu", threads=1, forced_tokens="flag")
     chunk = policy.run_chunk(make_rgb_image(seed=4), "pick up the cup")
     assert chunk.actions.shape == chunk.normalized.shape
+
+
+def test_cli_mask_reaches_the_chain_and_the_runtime(tiny_ckpt: Path, tmp_path: Path, make_rgb_image):
+    """--mask keeps the masked dimension as the model produced it (NORA's q01/q99 elsewhere, every key)."""
+    from typer.testing import CliRunner
+
+    from nora_edge.cli import app
+    from nora_edge.policy import NoraPolicy
+
+    dim = NoraCheckpoint.load(tiny_ckpt).action_dim
+    out = tmp_path / "m"
+    mask = ",".join(["1"] * (dim - 1) + ["0"])
+    base = ["export", str(tiny_ckpt), "--out", str(out), "--no-validate"]
+    bad = CliRunner().invoke(app, [*base, "--mask", "1,2"])
+    assert bad.exit_code == 2 and "--mask must be comma-separated 0/1" in bad.output
+    short = CliRunner().invoke(app, [*base, "--mask", "1,0"])
+    assert short.exit_code == 2 and f"the action dim is {dim}" in " ".join(short.output.split())
+    ok = CliRunner().invoke(app, [*base, "--mask", mask])
+    assert ok.exit_code == 0, ok.output
+    b = Bundle.load(out)
+    assert b.manifest["postprocess"][0]["mask"] == [True] * (dim - 1) + [False]
+    policy = NoraPolicy.load(out, providers="cpu", threads=1, forced_tokens="flag")
+    chunk = policy.run_chunk(make_rgb_image(seed=6), "pick up the cup")
+    s = b.norm_stats[chunk.unnorm_key]
+    x = chunk.normalized
+    want = (
+        0.5 * (x + 1) * (s.q99 - s.q01) + s.q01
+    )  # NORA's formula, then the mask keeps the last dim as produced
+    want[:, -1] = x[:, -1]
+    np.testing.assert_allclose(chunk.actions, want, rtol=0, atol=1e-12)
+    assert chunk.actions.size == x.size > 0
