@@ -18,37 +18,9 @@ import pytest
 from nora_edge.bundle import Bundle, format_info
 from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import BundleError, ExportError, InputError
+from tests.lerobot_reference import nora_readme_actions, write_dataset
 
 GRIPPER = ("rescale", "binarize", "invert")
-
-
-def reference_actions(normalized: np.ndarray, mn: np.ndarray, mx: np.ndarray) -> np.ndarray:
-    b = (normalized + 1) / 2
-    a = b * (mx - mn) + mn
-    a[..., -1] = 2 * (a[..., -1] - 0.0) / (1.0 - 0.0) - 1  # normalize_gripper_action
-    a[..., -1] = np.sign(a[..., -1])  # binarize=True
-    a[..., -1] = a[..., -1] * -1.0  # invert_gripper_action
-    return a
-
-
-def write_dataset(root: Path, dim: int, seed: int = 3, **override) -> tuple[Path, dict]:
-    """A LeRobot dataset root with meta/stats.json (action + an observation feature, as LeRobot writes it)."""
-    rng = np.random.default_rng(seed)
-    mn = rng.uniform(-1.0, 0.0, dim)
-    mx = mn + rng.uniform(0.2, 1.5, dim)
-    mn[-1], mx[-1] = 0.0, 1.0
-    action = {
-        "min": mn.tolist(),
-        "max": mx.tolist(),
-        "mean": ((mn + mx) / 2).tolist(),
-        "std": ((mx - mn) / 4).tolist(),
-        "count": [1234],
-    }
-    action.update(override)
-    stats = {"action": action, "observation.state": {"min": [0.0] * 8, "max": [1.0] * 8}}
-    (root / "meta").mkdir(parents=True, exist_ok=True)
-    (root / "meta" / "stats.json").write_text(json.dumps(stats))
-    return root, action
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +50,7 @@ def test_export_writes_chain_and_runtime_applies_it(chain_bundle, make_rgb_image
     with NoraPolicy.load(path, providers="cpu", threads=1, forced_tokens="flag") as policy:
         for seed in range(3):
             out = policy.run_chunk(make_rgb_image(seed=seed), "pick up the red block")
-            want = reference_actions(out.normalized.copy(), mn, mx)
+            want = nora_readme_actions(out.normalized, mn, mx)
             np.testing.assert_allclose(out.actions, want, rtol=0, atol=1e-12)
             assert out.actions.dtype == np.float64 and out.unnorm_key == "meta/stats.json[action]"
             compared += out.actions.size

@@ -16,7 +16,6 @@ The runtime is ``export_bundle(base, weights=..., stats=..., gripper=...)`` then
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +24,8 @@ import pytest
 
 from nora_edge.bundle import Bundle
 from nora_edge.checkpoint import NoraCheckpoint
+from tests.lerobot_reference import nora_readme_actions, write_dataset
+from tests.synthetic_pairs import held_out_pairs
 
 torch = pytest.importorskip("torch")
 
@@ -35,50 +36,6 @@ MIN_MATCHED = 50  # issue 12's acceptance bar
 # overlay would fail on them
 MIN_MOVED = 10
 FT_STEPS, FT_LR, FT_SEED = 3, 1e-3, 1  # "briefly fine-tuned": outputs move, chunks still decode
-
-
-def nora_postprocess(normalized: np.ndarray, mn: np.ndarray, mx: np.ndarray) -> np.ndarray:
-    """(T, D) normalized -> robot actions, float64, as NORA's README does it."""
-    x = np.asarray(normalized, dtype=np.float64)
-    a = (x + 1.0) / 2.0 * (mx - mn) + mn  # LeRobot Unnormalize, MIN_MAX
-    g = a[..., -1]
-    g = 2.0 * (g - 0.0) / (1.0 - 0.0) - 1.0  # normalize_gripper_action: [0, 1] -> [-1, 1]
-    g = np.sign(g)  # binarize=True
-    a[..., -1] = g * -1.0  # invert_gripper_action
-    return a
-
-
-def write_lerobot_stats(root: Path, dim: int) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A LeRobot dataset root whose meta/stats.json holds the action's min/max/mean/std (gripper dim in [0, 1])."""
-    rng = np.random.default_rng(12)
-    mn = rng.uniform(-0.5, 0.0, dim)
-    mx = mn + rng.uniform(0.1, 1.0, dim)
-    mn[-1], mx[-1] = 0.0, 1.0
-    action = {
-        "min": mn.tolist(),
-        "max": mx.tolist(),
-        "mean": ((mn + mx) / 2).tolist(),
-        "std": ((mx - mn) / 4).tolist(),
-        "count": [5000],
-    }
-    stats = {"action": action, "observation.state": {"min": [0.0] * 8, "max": [1.0] * 8}}
-    (root / "meta").mkdir(parents=True)
-    (root / "meta" / "stats.json").write_text(json.dumps(stats))
-    return root, mn, mx
-
-
-def held_out_pairs(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
-    """Frames of varied sizes (seeds far below the training frames) with the synthetic task's instructions."""
-    from nora_edge.export.images import random_rgb_image
-    from nora_edge.export.synthetic_task import instruction_list
-
-    rng = np.random.default_rng(seed)
-    texts = instruction_list()
-    out = []
-    for i in range(n):
-        h, w = int(rng.integers(180, 480)), int(rng.integers(180, 640))
-        out.append((random_rgb_image(seed * 1000 + i, h, w), texts[int(rng.integers(len(texts)))]))
-    return out
 
 
 def finetune_and_save_state(base: Path, out: Path) -> dict:
@@ -137,7 +94,8 @@ def deployed(tiny_trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) 
     state_dir = root / "run" / "steps_3"
     base_state = finetune_and_save_state(tiny_trained_ckpt, state_dir)
     dim = NoraCheckpoint.load(tiny_trained_ckpt).action_dim
-    dataset, mn, mx = write_lerobot_stats(root / "lerobot_ds", dim)
+    dataset, action = write_dataset(root / "lerobot_ds", dim, seed=12)
+    mn, mx = np.asarray(action["min"]), np.asarray(action["max"])
     bundle = export_bundle(
         tiny_trained_ckpt,
         root / "bundle",
@@ -194,7 +152,7 @@ def test_finetuned_bundle_equals_nora_reference_on_held_out_pairs(deployed) -> N
             if not r.well_formed:
                 malformed += 1
                 continue
-            want = nora_postprocess(r.normalized, deployed.mn, deployed.mx)  # (T, D)
+            want = nora_readme_actions(r.normalized, deployed.mn, deployed.mx)  # (T, D)
             out = policy.run_chunk(image, instruction)
             ids = r.ids[:-1] if int(r.ids[-1]) in end_ids else r.ids  # the runtime takes no end step
             np.testing.assert_array_equal(out.ids, ids)

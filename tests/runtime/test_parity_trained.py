@@ -22,25 +22,12 @@ import pytest
 from nora_edge.bundle import Bundle
 from nora_edge.errors import DetokenizationError, ForcedTokenError
 from nora_edge.policy import NoraPolicy
+from tests.synthetic_pairs import held_out_pairs as pairs
 
 N_PAIRS = 60
 # ids + actions must match on at least 50 pairs (the acceptance bar); the trained fixtures measure 60/60
 # well-formed references here (50/50 and 50/50 on the export's own pairs); random weights give 0.
 MIN_MATCHED = 50
-
-
-def pairs(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
-    """Held-out frames of varied sizes with instructions of the synthetic task (never seen in training)."""
-    from nora_edge.export.images import random_rgb_image
-    from nora_edge.export.synthetic_task import instruction_list
-
-    rng = np.random.default_rng(seed)
-    texts = instruction_list()
-    out = []
-    for i in range(n):
-        h, w = int(rng.integers(180, 480)), int(rng.integers(180, 640))
-        out.append((random_rgb_image(seed * 1000 + i, h, w), texts[int(rng.integers(len(texts)))]))
-    return out
 
 
 def _export(ckpt: Path, out: Path, **kw) -> Path:
