@@ -8,14 +8,19 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
+.PHONY: setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
+
+# system packages: libosmesa6 renders MetaWorld offscreen on the CPU (the sim extra); apt runs only when missing
+APT_PACKAGES := libosmesa6
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(STAMP): pyproject.toml
+	dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,bench,dev,bnb]'
+	$(PY) -m pip install -q -e '.[export,bench,dev,bnb,sim]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -77,6 +82,27 @@ bench-real: export-real
 	$(PY) -m nora_edge.bench.baseline7b $(OUT)/bench-real-baseline7b
 	for b in fp32 int8 int4; do $(VENV)/bin/nora-edge bench $(OUT)/bundle-real-$$b --steps 10 --warmup 2 $(if $(BENCH_THREADS),--threads $(BENCH_THREADS)) --baseline7b $(OUT)/bench-real-baseline7b/baseline7b.json --out $(OUT)/bench-real-$$b || exit 1; done
 	$(PY) -m nora_edge.bench.summary $(OUT)
+
+# --- the MetaWorld policy (nora_edge.sim): demonstrations -> training -> closed-loop evaluation ----------
+# a person runs these (train-sim ~45 min on 2 cores, eval-sim ~1 h); `make test` runs a one-episode smoke version
+export MUJOCO_GL ?= osmesa
+export PYOPENGL_PLATFORM ?= osmesa
+SIM := $(OUT)/sim
+SIM_POLICY ?= policies/metaworld-nora-long
+SIM_DEMO_EPISODES ?= 50
+SIM_TRAIN_ARGS ?= --steps 2000 --batch 32 --lr 2e-3 --seed 0 --preset sim
+SIM_EPISODES ?= 20
+SIM_WORKERS ?= 2
+
+$(SIM)/demos.npz: $(STAMP)
+	$(PY) -m nora_edge.sim.demos $@ --episodes $(SIM_DEMO_EPISODES) --seed 0
+
+train-sim: $(SIM)/demos.npz
+	rm -rf $(SIM)/policy
+	$(PY) -m nora_edge.sim.train $(SIM)/demos.npz $(SIM)/policy $(SIM_TRAIN_ARGS)
+
+eval-sim: $(STAMP)
+	$(PY) -m nora_edge.sim.table $(SIM_POLICY) --out $(SIM)/eval --episodes $(SIM_EPISODES) --workers $(SIM_WORKERS)
 
 soak: $(OUT)/ci/bundle
 	$(PY) -m nora_edge.bench.soak $(OUT)/ci/bundle --steps 10000 --out $(OUT)/soak

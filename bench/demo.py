@@ -230,12 +230,14 @@ def summary_markdown(
     return "\n".join(out) + "\n"
 
 
-def print_headline(rows: list[list], failed: dict[str, str], report: Path) -> None:
+def print_headline(
+    rows: list[list], failed: dict[str, str], report: Path, header: list[str] = HEADER
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="nora-edge demo: runtime vs PyTorch reference (same run)")
-    for h in HEADER:
+    for h in header:
         t.add_column(h)
     for row in rows:
         t.add_row(

@@ -380,3 +380,53 @@ def demo(
         run_demo(out, steps=steps)  # prints the headline table and where the report is
     except NoraEdgeError as e:
         _fail(e)
+
+
+@app.command("eval")
+def eval_cmd(
+    policy: Annotated[
+        Path, typer.Argument(help="bundle (manifest.json) or checkpoint (config.json) directory")
+    ],
+    env: Annotated[str, typer.Option(help="simulator (only 'metaworld')")] = "metaworld",
+    tasks: Annotated[str, typer.Option(help="'all' or comma-separated MetaWorld tasks")] = "all",
+    episodes: Annotated[int, typer.Option(help="episodes per task")] = 10,
+    seed: Annotated[int, typer.Option(help="evaluation seed set (same seed: same episodes)")] = 0,
+    workers: Annotated[int, typer.Option(help="parallel worker processes / Ray actors")] = 1,
+    against: Annotated[
+        Path | None, typer.Option(help="second bundle or checkpoint, run on the same episodes and compared")
+    ] = None,
+    ray: Annotated[str | None, typer.Option(help="Ray cluster address, or 'local' (127.0.0.1)")] = None,
+    gif: Annotated[int, typer.Option(help="GIF of the first N episodes (frames at chunk starts)")] = 0,
+    max_steps: Annotated[
+        int | None, typer.Option(help="env steps per episode (default sim MAX_STEPS)")
+    ] = None,
+    blank_image: Annotated[bool, typer.Option(help="feed a constant gray frame (vision ablation)")] = False,
+    timeout: Annotated[
+        float, typer.Option(help="seconds one episode may take before its worker is killed")
+    ] = 600.0,
+    gripper: Annotated[
+        list[str] | None, typer.Option(help="checkpoint without train_report.json: gripper steps, in order")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="report directory (default out/eval/<name>)")] = None,
+) -> None:
+    """Run a bundle or checkpoint in closed loop on MetaWorld; success rates with 95% intervals, latency, GIFs."""
+    from nora_edge.errors import InputError
+
+    try:
+        if env != "metaworld":
+            raise InputError(f"--env {env!r}: only 'metaworld' is supported")
+        from nora_edge.sim.evaluate import EvalConfig, run_eval
+        from nora_edge.sim.metaworld_env import MAX_STEPS
+
+        cfg = EvalConfig(
+            max_steps=max_steps if max_steps is not None else MAX_STEPS,
+            blank_image=blank_image,
+            gif=gif,
+            workers=workers,
+            timeout_s=timeout,
+            gripper=tuple(gripper) if gripper else None,
+        )
+        paths = run_eval(policy, tasks, episodes, seed, cfg, against=against, ray_address=ray, out=out)
+    except NoraEdgeError as e:
+        _fail(e)
+    typer.echo(f"report: {paths['markdown']} (json: {paths['json']}, plot: {paths['png']})")
