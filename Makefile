@@ -90,11 +90,11 @@ export PYOPENGL_PLATFORM ?= osmesa
 SIM := $(OUT)/sim
 SIM_POLICY ?= policies/metaworld-nora-long
 SIM_DEMO_EPISODES ?= 50
-SIM_TRAIN_ARGS ?= --steps 2000 --batch 32 --lr 2e-3 --seed 0 --preset sim
+SIM_TRAIN_ARGS ?= --steps 1400 --batch 32 --lr 1.5e-3 --seed 0 --preset sim --fast-vocab 128
 SIM_EPISODES ?= 20
 SIM_WORKERS ?= 2
 
-$(SIM)/demos.npz: $(STAMP)
+$(SIM)/demos.npz: | $(STAMP)
 	$(PY) -m nora_edge.sim.demos $@ --episodes $(SIM_DEMO_EPISODES) --seed 0
 
 train-sim: $(SIM)/demos.npz

@@ -372,12 +372,24 @@ def bench(
 def demo(
     out: Annotated[Path, typer.Option(help="working and report directory")] = Path("out"),
     steps: Annotated[int, typer.Option(help="timed inferences per bundle")] = 20,
+    episodes: Annotated[int, typer.Option(help="closed-loop episodes per task per policy")] = 2,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="MetaWorld policy checkpoint (default: policies/metaworld-nora-long)")
+    ] = None,
+    fixture: Annotated[
+        bool, typer.Option(help="the older job without a simulator: tiny fixture -> bundles -> bench")
+    ] = False,
 ) -> None:
-    """The main job on the built-in tiny NORA: fixture -> fp32/int8/int4 bundles -> bench vs reference."""
-    from nora_edge.bench.demo import run_demo
-
+    """The main job: the MetaWorld policy -> fp32/int8/int4 bundles -> bench vs PyTorch -> closed loop."""
     try:
-        run_demo(out, steps=steps)  # prints the headline table and where the report is
+        if fixture:
+            from nora_edge.bench.demo import run_demo
+
+            run_demo(out, steps=steps)  # prints the headline table and where the report is
+        else:
+            from nora_edge.bench.demo_sim import run_sim_demo
+
+            run_sim_demo(out, checkpoint=checkpoint, steps=steps, episodes=episodes)
     except NoraEdgeError as e:
         _fail(e)
 

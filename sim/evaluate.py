@@ -10,8 +10,9 @@ Failure handling: a worker that dies (crash) or exceeds ``timeout_s`` on one epi
 replaced; the event is recorded in ``EvalRun.events`` and the episode is rerun once in a fresh worker; a second
 failure makes it a failed episode with status "crashed" / "hung". Nothing is dropped.
 
-Evaluation seeds: ``sha256("S:task:k") mod 2**40`` for episode k of ``task`` under ``--seed S``: independent of
-which other tasks are evaluated, and always below ``sim.demos.DEMO_SEED_BASE`` (2**40), so never a
+Evaluation seeds: ``sha256("S:task:k") mod 2**39`` for episode k of ``task`` under ``--seed S``: independent of
+which other tasks are evaluated, and always below ``sim.frames.FRAME_SEED_BASE`` (2**39, calibration / fidelity
+frames) and ``sim.demos.DEMO_SEED_BASE`` (2**40), so never a
 demonstration seed.
 
 Test-only fault injection: ``NORA_EDGE_EVAL_FAULT="KIND:TASK:SEED"`` (KIND: crash / hang on every attempt,
@@ -35,6 +36,8 @@ from nora_edge.errors import InputError, NoraEdgeError
 from .demos import DEMO_SEED_BASE
 from .metaworld_env import MAX_STEPS, TASKS, check_task
 from .rollout import FAULT_ENV, EpisodeResult, EpisodeRunner, parse_fault, policy_kind
+
+EVAL_SEED_LIMIT = DEMO_SEED_BASE >> 1  # = sim.frames.FRAME_SEED_BASE: evaluation seeds live below it
 
 
 class EvalError(NoraEdgeError):
@@ -113,9 +116,9 @@ def parse_tasks(text: str | list[str]) -> list[str]:
 
 
 def eval_seed(seed: int, task: str, k: int) -> int:
-    """Evaluation seed of episode ``k`` of ``task`` under ``--seed seed``; always < 2**40 (no demo seed)."""
+    """Evaluation seed of episode ``k`` of ``task`` under ``--seed seed``; always < 2**39 (no frame or demo seed)."""
     digest = hashlib.sha256(f"{seed}:{task}:{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % DEMO_SEED_BASE
+    return int.from_bytes(digest[:8], "big") % EVAL_SEED_LIMIT
 
 
 def plan(tasks: list[str], episodes: int, seed: int) -> list[Episode]:

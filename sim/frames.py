@@ -21,7 +21,9 @@ from nora_edge.errors import InputError
 
 from .metaworld_env import MAX_STEPS, TASKS, check_task, make_env
 
-FRAME_SEED_BASE = 1 << 39  # between evaluation seeds (< 2**39) and demonstration seeds (>= 2**40)
+FRAME_SEED_BASE = (
+    1 << 39
+)  # between evaluation seeds (< 2**39, sim.evaluate) and demonstration seeds (>= 2**40)
 HORIZON = 5
 
 

@@ -86,7 +86,10 @@ class TrainConfig:
     Attributes:
         steps: optimizer steps; batch: rows (frames) per step; lr: peak AdamW rate (warmup steps // 20,
         cosine to 5%); seed: sampling and init seed; threads: torch threads; preset: architecture name in
-        :data:`sim.checkpoint.SIM_PRESETS`; weight_decay: AdamW decay.
+        :data:`sim.checkpoint.SIM_PRESETS`; weight_decay: AdamW decay; fast_scale: FAST's quantization scale
+        (the published default is 10); fast_vocab: BPE vocabulary size (NORA's 2048 merges most MetaWorld
+        chunks into one or two chunk-sized tokens, ~6300 distinct chunks, which a small model learns as an
+        image-blind mode per task; 128 keeps tokens near one DCT coefficient each: 5.7 per chunk, at most 19).
     """
 
     steps: int = 3000
@@ -96,6 +99,8 @@ class TrainConfig:
     threads: int = 2
     preset: str = "sim"
     weight_decay: float = 0.01
+    fast_scale: float = 10.0
+    fast_vocab: int = 128
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "threads"):
@@ -194,9 +199,18 @@ def train_policy(
     norm = normalize(acts, entry)
     chunk_src = Demos(demos.tasks, demos.frames, norm, demos.task, demos.episode, demos.step, demos.failed)
     chunks = action_chunks(chunk_src, HORIZON)  # (N, 5, 4) normalized
-    fast = FastTokenizer.fit(
+    fit = FastTokenizer.fit(
         chunks,
-        scale=10.0,
+        scale=config.fast_scale,
+        vocab_size=config.fast_vocab,
+        time_horizon=HORIZON,
+        action_dim=chunks.shape[2],
+    )
+    # NORA's checkpoint keeps 2048 <robot_action_i> tokens; the fitted BPE uses the first fast_vocab of them
+    fast = FastTokenizer(
+        fit.tokenizer,
+        scale=fit.scale,
+        min_token=fit.min_token,
         vocab_size=names.NUM_ACTION_TOKENS,
         time_horizon=HORIZON,
         action_dim=chunks.shape[2],
@@ -345,9 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "batch", "seed", "threads"):
         ap.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--fast-scale", type=float, default=defaults.fast_scale)
+    ap.add_argument("--fast-vocab", type=int, default=defaults.fast_vocab)
     ap.add_argument("--preset", default=defaults.preset)
     a = ap.parse_args(argv)
-    cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, preset=a.preset)
+    cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads, preset=a.preset,
+                      fast_scale=a.fast_scale, fast_vocab=a.fast_vocab)  # fmt: skip
     cmd = "python -m nora_edge.sim.train " + " ".join(sys.argv[1:] if argv is None else argv)
     report = train_policy(a.demos, a.out, cfg, command=cmd)
     print(

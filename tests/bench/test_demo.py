@@ -73,7 +73,7 @@ def test_a_quantized_bundle_that_fails_to_build_fails_the_cli_demo(
     assert FIXTURE_TRAIN_STEPS[5] > 0
     shutil.copytree(tiny_trained_ckpt_h5, tmp_path / "ckpt-tiny-h5-trained")
     _plant_overtight_int8_gate(monkeypatch)
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "2"])
+    result = CliRunner().invoke(app, ["demo", "--fixture", "--out", str(tmp_path), "--steps", "2"])
     assert result.exit_code == 2, result.output
     assert f"error: {DemoError.__name__}: demo failed:" in result.output
     assert "bundle-int8: FidelityGateError" in result.output
