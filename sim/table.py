@@ -201,6 +201,7 @@ def run_table(
             "summary": s,
             "per_task": {t: g["success_rate"] for t, g in summarize(run)["tasks"].items()},
             "vs_pytorch": compare(run, runs["pytorch"])["overall"] if name != "pytorch" else None,
+            "vs_pytorch_decoded": vs_decoded(run, runs["pytorch"]) if name != "pytorch" else None,
             "vs_fp32": compare(run, runs["fp32"])["overall"] if name not in ("pytorch", "fp32") else None,
             "fidelity": fidelity.get(name),
         })  # fmt: skip
@@ -257,6 +258,19 @@ def plot_table(table: dict) -> bytes:
     return buf.getvalue()
 
 
+def vs_decoded(run, ref) -> dict:
+    """Paired difference vs ``ref`` on the episodes where ``ref`` decoded every chunk (no malformed stop).
+
+    NORA's unconstrained decoding can emit a chunk with the wrong coefficient count; the harness never executes
+    it and the episode fails, while the constrained runtime cannot emit one. This isolates the numerical part.
+    """
+    from .stats import paired_difference
+
+    keep = [i for i, r in enumerate(ref.results) if r.stop != "malformed"]
+    d = paired_difference([run.results[i].success for i in keep], [ref.results[i].success for i in keep])
+    return d.to_json()
+
+
 def _pp(d: dict | None) -> str:
     if d is None:
         return "-"
@@ -275,18 +289,23 @@ def markdown(table: dict) -> str:
         f"Tasks: {', '.join(table['tasks'])}; {table['episodes_per_task']} fresh-goal episodes per task "
         f"(seed {table['seed']}), the same episodes for every row; {table['workers']} workers x "
         f"{table['threads_per_worker']} thread(s). Success 95% CI: Wilson; paired differences: Newcombe 1998 "
-        "method 10, in percentage points. Token agreement / action error: vs the fp32 bundle on "
+        "method 10, in percentage points; 'where it decoded': only the episodes in which the PyTorch reference "
+        "never emitted a malformed chunk (those end as failures; the constrained runtime cannot emit one). "
+        "Token agreement / action error: vs the fp32 bundle on "
         f"{table['fidelity_frames']} held-out MetaWorld frames (fp32 row: vs PyTorch).",
         "",
-        "| policy | MB | gate | success [95% CI] | vs PyTorch (pp) | vs fp32 (pp) | token agreement | "
-        "action L2 | repaired / forced / malformed | ms/step median | ms/chunk median / p99 | tokens/chunk |",
-        "|" + "---|" * 12,
+        "| policy | MB | gate | success [95% CI] | vs PyTorch (pp) | vs PyTorch where it decoded (pp, n) | "
+        "vs fp32 (pp) | token agreement | action L2 | repaired / forced / malformed | ms/step median | "
+        "ms/chunk median / p99 | tokens/chunk |",
+        "|" + "---|" * 13,
     ]
     for r in table["rows"]:
         s, f = r["summary"], r["fidelity"] or {}
         lines.append(
             f"| {r['policy']} | {_num(r['mb'], '{:.1f}')} | {r['gate']} | {100 * s['success_rate']:.1f}% "
-            f"[{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}] | {_pp(r['vs_pytorch'])} | {_pp(r['vs_fp32'])} "
+            f"[{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}] | {_pp(r['vs_pytorch'])} | "
+            f"{_pp(r['vs_pytorch_decoded'])}{'' if r['vs_pytorch_decoded'] is None else ', ' + str(r['vs_pytorch_decoded']['n'])} "
+            f"| {_pp(r['vs_fp32'])} "
             f"| {_num(f.get('token_agreement_mean'))} | {_num(f.get('action_l2_mean'), '{:.4f}')} | "
             f"{s['repaired']} / {s['forced']} / {s['malformed']} | {_num(s['ms_per_step']['median'], '{:.2f}')} | "
             f"{_num(s['ms_per_chunk']['median'], '{:.1f}')} / {_num(s['ms_per_chunk']['p99'], '{:.1f}')} | "
