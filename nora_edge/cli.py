@@ -413,6 +413,13 @@ def eval_cmd(
         int | None, typer.Option(help="env steps per episode (default sim MAX_STEPS)")
     ] = None,
     blank_image: Annotated[bool, typer.Option(help="feed a constant gray frame (vision ablation)")] = False,
+    nora_fallback: Annotated[
+        bool,
+        typer.Option(
+            help="checkpoints: execute NORA's zeros fallback for a malformed chunk (counted) instead of "
+            "ending the episode"
+        ),
+    ] = False,
     timeout: Annotated[
         float, typer.Option(help="seconds one episode may take before its worker is killed")
     ] = 600.0,
@@ -437,6 +444,7 @@ def eval_cmd(
             workers=workers,
             timeout_s=timeout,
             gripper=tuple(gripper) if gripper else None,
+            nora_fallback=nora_fallback,
         )
         paths = run_eval(policy, tasks, episodes, seed, cfg, against=against, ray_address=ray, out=out)
     except NoraEdgeError as e:

@@ -62,7 +62,9 @@ class EvalConfig:
         max_steps: env steps per episode; blank_image: gray frames (vision ablation); gif: record frames of
         the first N planned episodes; workers: parallel workers; timeout_s: seconds one episode may take
         before its worker is killed as hung; load_timeout_s: seconds a worker may take to load its policy;
-        threads: inference threads per worker (None: cores // workers); gripper: checkpoint gripper steps
+        threads: inference threads per worker (None: cores // workers); nora_fallback: checkpoints only:
+        execute NORA's own fallback for a malformed chunk (zeros, unnormalized: what NORA sends the robot),
+        counted as malformed, instead of ending the episode; gripper: checkpoint gripper steps
         when it has no train_report.json.
     """
 
@@ -74,6 +76,7 @@ class EvalConfig:
     load_timeout_s: float = 600.0
     threads: int | None = None
     gripper: tuple[str, ...] | None = None
+    nora_fallback: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "workers"):
@@ -130,10 +133,10 @@ def plan(tasks: list[str], episodes: int, seed: int) -> list[Episode]:
     return [Episode(i, t, eval_seed(seed, t, k), k) for i, (t, k) in enumerate(eps)]
 
 
-def _worker_main(conn, policy: str, gripper, threads: int, fault) -> None:
+def _worker_main(conn, policy: str, gripper, threads: int, fault, nora_fallback: bool = False) -> None:
     """Local worker process: load, say ready, then run episodes until told to stop (None)."""
     try:
-        runner = EpisodeRunner(policy, gripper, threads, fault)
+        runner = EpisodeRunner(policy, gripper, threads, fault, nora_fallback)
     except Exception as e:  # noqa: BLE001 - reported to the parent as a load error
         conn.send(("load_error", f"{type(e).__name__}: {e}"))
         return
@@ -174,7 +177,7 @@ def _budget(slot: _Slot, cfg: EvalConfig) -> float:
 def run_local(policy: str, episodes: list[Episode], cfg: EvalConfig, fault=None, label: str = ""):
     """Run ``episodes`` on ``cfg.workers`` spawned processes; returns (results in plan order, events)."""
     ctx = mp.get_context("spawn")
-    args = (str(policy), cfg.gripper, cfg.worker_threads(), fault)
+    args = (str(policy), cfg.gripper, cfg.worker_threads(), fault, cfg.nora_fallback)
     results: list[EpisodeResult | None] = [None] * len(episodes)
     pending = deque((ep, 0) for ep in episodes)
     events: list[dict] = []
@@ -262,7 +265,7 @@ def run_ray(address: str, policy: str, episodes: list[Episode], cfg: EvalConfig,
     else:
         ray.init(address=address, log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(EpisodeRunner)
-    args = (str(policy), cfg.gripper, cfg.worker_threads(), fault)
+    args = (str(policy), cfg.gripper, cfg.worker_threads(), fault, cfg.nora_fallback)
     results: list[EpisodeResult | None] = [None] * len(episodes)
     pending = deque((ep, 0) for ep in episodes)
     events: list[dict] = []

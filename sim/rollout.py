@@ -62,6 +62,7 @@ class Chunk:
     forced: int = 0
     malformed: bool = False
     reason: str = ""
+    fallback: bool = False  # malformed, and ``actions`` hold NORA's fallback (executed, counted)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class CheckpointActor:
         gripper: list[str] | None = None,
         mask: list[bool] | None = None,
         threads: int | None = None,
+        nora_fallback: bool = False,
     ) -> None:
         import torch
 
@@ -176,6 +178,7 @@ class CheckpointActor:
             torch.set_num_threads(int(threads))
         self.path = Path(path)
         self.label = self.path.name
+        self.nora_fallback = nora_fallback
         report = self.path / "train_report.json"
         if gripper is None and report.is_file():
             gripper, mask = parse_export_args(
@@ -201,6 +204,10 @@ class CheckpointActor:
         with torch.inference_mode():
             r = self.policy.predict_action_chunk(image, instruction)
         if not r.well_formed:
+            if self.nora_fallback:  # NORA's own behaviour: zeros, unnormalized and post-processed, executed
+                zeros = np.zeros_like(r.normalized)
+                return Chunk(self.chain.apply(zeros, self.stats), int(r.ids.size), malformed=True,
+                             reason=str(r.reason), fallback=True)  # fmt: skip
             return Chunk(None, int(r.ids.size), malformed=True, reason=str(r.reason))
         return Chunk(self.chain.apply(r.normalized, self.stats), int(r.ids.size))
 
@@ -219,11 +226,16 @@ def policy_kind(path: str | Path) -> str:
     raise InputError(f"{p}: neither a bundle (manifest.json) nor a checkpoint (config.json)")
 
 
-def load_actor(path: str | Path, gripper: list[str] | None = None, threads: int | None = None):
+def load_actor(
+    path: str | Path,
+    gripper: list[str] | None = None,
+    threads: int | None = None,
+    nora_fallback: bool = False,
+):
     """A :class:`BundleActor` or :class:`CheckpointActor` for ``path`` (see :func:`policy_kind`)."""
     if policy_kind(path) == "bundle":
         return BundleActor(path, threads)
-    return CheckpointActor(path, gripper, threads=threads)
+    return CheckpointActor(path, gripper, threads=threads, nora_fallback=nora_fallback)
 
 
 def run_episode(
@@ -270,6 +282,7 @@ def run_episode(
             res.forced += c.forced
             if c.malformed:
                 res.malformed += 1
+            if c.malformed and not c.fallback:
                 res.chunk_steps.append(0)
                 res.stop, res.error = "malformed", f"malformed chunk {res.chunks}: {c.reason}"
                 break
@@ -317,7 +330,7 @@ def inject_fault(fault, ep, attempt: int) -> None:
 class EpisodeRunner:
     """What each worker holds: the actor (loaded once) and one env per task (``make_env`` caches them)."""
 
-    def __init__(self, policy: str, gripper, threads: int, fault) -> None:
+    def __init__(self, policy: str, gripper, threads: int, fault, nora_fallback: bool = False) -> None:
         """Load the actor.
 
         Args:
@@ -327,7 +340,9 @@ class EpisodeRunner:
         from .metaworld_env import configure_gl
 
         configure_gl()
-        self.actor = load_actor(policy, list(gripper) if gripper is not None else None, threads)
+        self.actor = load_actor(
+            policy, list(gripper) if gripper is not None else None, threads, nora_fallback
+        )
         self.fault = fault
 
     def ready(self) -> bool:

@@ -180,6 +180,9 @@ def run_table(
         say(f"[eval-sim] {name}: {len(eps)} episodes ({len(names)} tasks x {episodes}), {workers} workers")
         runs[name] = evaluate(path, eps, cfg)
         runs[name].label = name
+    say("[eval-sim] pytorch executing NORA's fallback (zeros) for a malformed chunk, as NORA does")
+    runs["pytorch, NORA fallback"] = evaluate(ckpt, eps, EvalConfig(workers=workers, nora_fallback=True))
+    runs["pytorch, NORA fallback"].label = "pytorch, NORA fallback"
     say("[eval-sim] fp32 with blank frames (vision ablation)")
     runs["fp32 blank image"] = evaluate(
         built["fp32"]["path"], eps, EvalConfig(workers=workers, blank_image=True)

@@ -151,3 +151,21 @@ def test_an_exception_is_reported_as_error():
     assert (r.status, r.stop, r.success) == ("error", "error", False) and "InputError" in r.error
     with pytest.raises(InputError, match="max_steps"):
         run_episode(_Recorder([]), env, TASK, 5, max_steps=0)
+
+
+def test_nora_fallback_executes_nora_zeros_and_counts_them(sim_policy):
+    """``nora_fallback``: a malformed reference chunk becomes NORA's own fallback (zeros, unnormalized with the
+    q01/q99 formula, then the gripper steps), executed and counted; without it the episode ends."""
+    actor = CheckpointActor(sim_policy["checkpoint"], threads=1, nora_fallback=True)
+    env = make_env(TASK)
+    frame = env.reset(6)
+    c = actor.chunk(frame, env.instruction)
+    if not c.malformed:
+        pytest.skip("the 2-step fixture policy decoded this frame; nothing to fall back from")
+    stats = actor.stats
+    mid = 0.5 * (0.0 + 1.0) * (stats.q99 - stats.q01) + stats.q01  # NORA: unnormalize(zeros), float64
+    assert c.fallback and c.actions.shape == (5, 4)
+    grip = -np.sign(2.0 * 0.0 - 1.0)  # gripper left as produced (mask), then rescale, binarize, invert
+    assert np.allclose(c.actions[:, :3], mid[:3], atol=1e-12) and (c.actions[:, 3] == grip).all()
+    r = run_episode(actor, env, TASK, 6, max_steps=10)
+    assert r.malformed >= 1 and r.steps == 10 and r.stop != "malformed"
