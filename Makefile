@@ -84,7 +84,8 @@ bench-real: export-real
 	$(PY) -m nora_edge.bench.summary $(OUT)
 
 # --- the MetaWorld policy (nora_edge.sim): demonstrations -> training -> closed-loop evaluation ----------
-# a person runs these (train-sim ~45 min on 2 cores, eval-sim ~1 h); `make test` runs a one-episode smoke version
+# a person runs these (train-sim: demonstrations 4.5-7 min + training 29 min on 2 cores; eval-sim: ~7 min at
+# SIM_EPISODES=20); `make test` runs one-episode smoke versions
 export MUJOCO_GL ?= osmesa
 export PYOPENGL_PLATFORM ?= osmesa
 SIM := $(OUT)/sim

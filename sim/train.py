@@ -5,7 +5,8 @@ Data flow:
   them, gripper 1 = open / 0 = close, i.e. NORA's ``invert_grippler_action`` of MetaWorld's +1 = close)
   --:func:`norm_stats_entry`--> norm_stats.json key ``metaworld`` (OpenVLA/NORA layout, mask False on the gripper)
   --:func:`normalize`--> q01/q99 -> [-1, 1] (clipped), gripper untouched --:func:`sim.demos.action_chunks`-->
-  (N, 5, 4) chunks --``FastTokenizer.fit`` (the published FAST algorithm: DCT, scale 10, BPE to 2048)--> ``fast/``
+  (N, 5, 4) chunks --``FastTokenizer.fit`` (the published FAST algorithm: DCT, scale 10, BPE to 128 tokens; the
+  checkpoint keeps NORA's 2048 action ids)--> ``fast/``
   --``encode``--> assistant ids ``<robot_action_i>``... + ``<|im_end|>`` (NORA's loss covers the action tokens
   and the end token) --teacher forcing on ``Qwen2_5_VLForConditionalGeneration`` (one frame per row, the
   model's own vision tower, image scatter and 3-D positions; export.train_fixture.assistant_logits)--> AdamW,
