@@ -170,6 +170,17 @@ class _Slot:
         self.conn.close()
 
 
+def _worker_failed(
+    events, pending, results, ep: Episode, attempt: int, kind: str, text: str, label: str
+) -> None:
+    """A worker crashed or hung on ``ep``: record the event, then rerun it once or count it as failed."""
+    events.append({"event": kind, "task": ep.task, "seed": ep.seed, "attempt": attempt + 1, "detail": text})
+    if attempt == 0:
+        pending.appendleft((ep, 1))
+    else:
+        results[ep.index] = _failed(ep, kind, f"{kind} twice; last: {text}", label)
+
+
 def _budget(slot: _Slot, cfg: EvalConfig) -> float:
     return cfg.timeout_s if slot.ready else cfg.load_timeout_s
 
@@ -198,13 +209,7 @@ def run_local(policy: str, episodes: list[Episode], cfg: EvalConfig, fault=None,
                 raise EvalError(f"{policy}: workers fail while loading the policy ({kind}: {text})")
             return _Slot(ctx, args)
         ep, attempt = slot.job
-        events.append(
-            {"event": kind, "task": ep.task, "seed": ep.seed, "attempt": attempt + 1, "detail": text}
-        )
-        if attempt == 0:
-            pending.appendleft((ep, 1))
-        else:
-            results[ep.index] = _failed(ep, kind, f"{kind} twice; last: {text}", label)
+        _worker_failed(events, pending, results, ep, attempt, kind, text, label)
         return _Slot(ctx, args)
 
     try:
@@ -308,13 +313,7 @@ def run_ray(address: str, policy: str, episodes: list[Episode], cfg: EvalConfig,
                 if kind is None:
                     continue
                 ray.kill(actor)
-                events.append(
-                    {"event": kind, "task": ep.task, "seed": ep.seed, "attempt": attempt + 1, "detail": text}
-                )
-                if attempt == 0:
-                    pending.appendleft((ep, 1))
-                else:
-                    results[ep.index] = _failed(ep, kind, f"{kind} twice; last: {text}", label)
+                _worker_failed(events, pending, results, ep, attempt, kind, text, label)
                 idle.append(new_actor())
     finally:
         ray.shutdown()

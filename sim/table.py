@@ -194,7 +194,8 @@ def run_table(
                      compare(run, runs[other]) if other else None)  # fmt: skip
     rows = []
     for name, run in runs.items():
-        s = summarize(run)["overall"]
+        summary = summarize(run)
+        s = summary["overall"]
         base = name.removesuffix(" blank image")
         rows.append({
             "policy": name,
@@ -202,7 +203,7 @@ def run_table(
             "mb": _dir_mb(built[base]["path"]) if base in built else _dir_mb(ckpt),
             "gate": built[base]["gate"] if base in built else "reference",
             "summary": s,
-            "per_task": {t: g["success_rate"] for t, g in summarize(run)["tasks"].items()},
+            "per_task": {t: g["success_rate"] for t, g in summary["tasks"].items()},
             "vs_pytorch": compare(run, runs["pytorch"])["overall"] if name != "pytorch" else None,
             "vs_pytorch_decoded": vs_decoded(run, runs["pytorch"]) if name != "pytorch" else None,
             "vs_fp32": compare(run, runs["fp32"])["overall"] if name not in ("pytorch", "fp32") else None,

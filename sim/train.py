@@ -39,6 +39,7 @@ from nora_edge.errors import ExportError
 from nora_edge.preprocess import preprocess_image
 
 from .demos import Demos, action_chunks
+from .metaworld_env import TASKS
 
 UNNORM_KEY = "metaworld"
 HORIZON = 5  # NORA-Long
@@ -143,13 +144,14 @@ def make_rows_batch(rows, frames, tasks, targets, prompts, pad_id):
     """
     import torch
 
-    seqs = []
-    pixels = []
+    seqs, pixels, grids = [], [], []
     for r in rows:
         ids, types = prompts[int(tasks[r])]
         tgt = torch.from_numpy(targets[r])
         seqs.append((torch.cat([ids, tgt]), torch.cat([types, torch.zeros_like(tgt)]), ids.numel()))
-        pixels.append(torch.from_numpy(preprocess_image(frames[r])[0]))  # (256, 1176)
+        px, grid_thw = preprocess_image(frames[r])  # (256, 1176), (1, 3)
+        pixels.append(torch.from_numpy(px))
+        grids.append(torch.from_numpy(grid_thw))
     b, length = len(seqs), max(s[0].numel() for s in seqs)
     input_ids = torch.full((b, length), pad_id, dtype=torch.int64)
     attention = torch.zeros((b, length), dtype=torch.int64)
@@ -159,7 +161,7 @@ def make_rows_batch(rows, frames, tasks, targets, prompts, pad_id):
         n = ids.numel()
         input_ids[i, :n], attention[i, :n], types[i, :n] = ids, 1, tt
         labels[i, p:n] = ids[p:]
-    grid = torch.tensor([[1, 16, 16]] * b, dtype=torch.int64)
+    grid = torch.cat(grids)  # (B, 3)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -237,8 +239,6 @@ def train_policy(
             )
             prompts = {}
             for i, task in enumerate(demos.tasks):
-                from .metaworld_env import TASKS
-
                 inputs = policy.prepare_inputs(demos.frames[int(np.argmax(demos.task == i))], TASKS[task])
                 prompts[i] = (inputs["input_ids"][0], inputs["mm_token_type_ids"][0])
             model = policy.model
