@@ -56,14 +56,16 @@ def published_decode(fast: FastTokenizer, ids: list[int], t: int, d: int, idct) 
     return idct(coeffs / fast.scale, axis=0, norm="ortho")
 
 
-def encode_encodable(fast: FastTokenizer, chunks: np.ndarray) -> list[list[int]]:
-    """Encode chunk by chunk, skipping the few a synthetic vocabulary cannot represent."""
+def encode_encodable(fast: FastTokenizer, chunks, limit: int | None = None) -> list[list[int]]:
+    """Encode chunk by chunk, skipping the few a synthetic vocabulary cannot represent; stop at ``limit``."""
     out = []
     for chunk in chunks:
         try:
             out.append(fast.encode(chunk)[0])
         except InputError:
             continue
+        if len(out) == limit:
+            break
     return out
 
 

@@ -275,6 +275,7 @@ class Bundle:
                 "time_horizon": self.codec.time_horizon,
                 "action_dim": self.codec.action_dim,
                 "scale": self.codec.scale,
+                "native": self.codec.native,
             },
             "unnorm_keys": sorted(self.norm_stats),
             "postprocess": self.postprocess.to_json(),
@@ -328,7 +329,9 @@ def format_info(info: dict) -> str:
         f"actions        ids {act['base']}..{act['base'] + act['count'] - 1}, head '{act['head']}' "
         f"({act['head_rows']} rows), end ids {act['end_ids']}"
     )
+    native = codec.get("native") or "none (exported before kernels/: the runtime builds them in memory)"
     lines.append(f"codec          T={codec['time_horizon']} D={codec['action_dim']} scale={codec['scale']}")
+    lines.append(f"native tables  {native}")
     lines.append(f"unnorm keys    {', '.join(info['unnorm_keys'])}")
     if "postprocess" in info:
         steps = Chain.from_json(info["postprocess"], BundleError, "postprocess").describe()

@@ -216,6 +216,7 @@ class CodecSpec:
     byte_table: str
     tokenizer: str
     processor_config: str
+    native: str | None = None  # codec/native/: the C library's tables (bundles exported before it: None)
 
     @classmethod
     def from_json(cls, d: dict) -> CodecSpec:
@@ -230,4 +231,5 @@ class CodecSpec:
             byte_table=require_field(files, "byte_table", "codec.files", str),
             tokenizer=require_field(files, "tokenizer", "codec.files", str),
             processor_config=require_field(files, "processor_config", "codec.files", str),
+            native=require_field(files, "native", "codec.files", str) if "native" in files else None,
         )

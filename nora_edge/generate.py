@@ -19,6 +19,9 @@ rows (same penalised scores) and classifies the token it emitted (:data:`TOKEN_C
   forced_continue  the top choice was an end id although the chunk was not complete.
 The step after completion is never run, so whether the model would have ended there is not checked.
 Unconstrained tokens are all "model".
+With ``GreedyConfig.kernels`` (a :class:`nora_edge.kernels.FastKernels`), one C call per constrained step does the
+penalty, the model's top row, the masked argmax and the automaton advance; ids, classes and errors are those of
+the numpy path (a failed C step re-runs the numpy step, which raises the same DetokenizationError).
 Both apply the checkpoint's repetition penalty exactly as transformers' ``RepetitionPenaltyLogitsProcessor``
 does: every id already in the sequence (prompt included) has its logit divided by the penalty if positive,
 multiplied if negative (float32). Ties go to the smallest Qwen id (torch.argmax's first index over the vocab).
@@ -36,8 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nora_edge import bundle as B
-from nora_edge.actions.automaton import FastAutomaton
+from nora_edge.actions.automaton import AutomatonState, FastAutomaton
 from nora_edge.errors import BundleError, DetokenizationError, InputError
+from nora_edge.kernels import SEL_STATUS
 from nora_edge.prompt import decode_position_ids
 from nora_edge.sessions import GraphSession
 
@@ -278,6 +282,8 @@ class GreedyConfig:
         max_new_tokens: unconstrained length limit (HF ``max_new_tokens``), or None to use ``max_length``.
         max_length: HF ``max_length`` (prompt + new tokens), used only when ``max_new_tokens`` is None.
         repetition_penalty: the checkpoint's penalty (None = off).
+        kernels: a ``nora_edge.kernels.FastKernels`` built from the same bundle: the constrained selection runs
+            in C (identical results); None (default) = numpy.
     """
 
     automaton: FastAutomaton | None
@@ -286,6 +292,68 @@ class GreedyConfig:
     max_new_tokens: int | None
     max_length: int | None
     repetition_penalty: float | None
+    kernels: object | None = None
+
+
+def select_step_numpy(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    auto: FastAutomaton,
+    state: AutomatonState,
+    action_rows: np.ndarray,
+    n_out: int,
+) -> tuple[int, int, AutomatonState]:
+    """One constrained numpy step on penalised scores (rows,): (chosen row, top row, next state)."""
+    top = argmax_lowest_id(scores, rows)  # the model's own choice over every head row
+    allowed = auto.allowed(state)  # (V,)
+    if not allowed.any():
+        raise DetokenizationError(f"constrained decoding: no allowed action id after {n_out} tokens")
+    masked = np.full(auto.vocab_size, -np.inf, dtype=np.float32)
+    masked[allowed] = scores[action_rows[allowed]]
+    fast_id = argmax_lowest_id(masked, action_rows)
+    return int(action_rows[fast_id]), top, auto.advance(state, fast_id)
+
+
+def _check_kernels(kernels, rows: np.ndarray, auto: FastAutomaton) -> None:
+    info = kernels.info
+    got = (info["n_rows"], info["vocab_size"], info["time_horizon"], info["action_dim"])
+    want = (rows.size, auto.vocab_size, auto.time_horizon, auto.action_dim)
+    if got != want:
+        raise BundleError(
+            f"codec kernels context (n_rows, V, T, D) = {got} disagrees with the decoder/automaton {want}"
+        )
+
+
+def _select_c(
+    kernels,
+    logits: np.ndarray,
+    seen: np.ndarray,
+    penalty: float | None,
+    rows: np.ndarray,
+    auto: FastAutomaton,
+    state: AutomatonState,
+    action_rows: np.ndarray,
+    n_out: int,
+) -> tuple[int, int, AutomatonState]:
+    """:func:`select_step_numpy` in one C call on raw logits (rows,); ``seen`` (rows,) bool may be marked.
+
+    A non-OK status re-runs the numpy step, which raises the numpy path's exact DetokenizationError.
+    """
+    penalise = penalty is not None and penalty != 1.0
+    fast_id, done, pending, top, status = kernels.select_step(
+        np.ascontiguousarray(logits, dtype=np.float32),  # (rows,); float16 -> float32 is exact
+        state.done,
+        state.pending,
+        seen.view(np.uint8) if penalise else None,
+        float(penalty) if penalise else 1.0,
+    )
+    if status != 0:
+        scores = apply_repetition_penalty(logits, seen, penalty)
+        select_step_numpy(scores, rows, auto, state, action_rows, n_out)  # raises
+        raise DetokenizationError(
+            f"codec kernels: selection status '{SEL_STATUS[status]}' where the numpy step succeeds"
+        )
+    return int(action_rows[fast_id]), top, AutomatonState(done, pending)
 
 
 def greedy(
@@ -312,6 +380,7 @@ def greedy(
     Raises:
         DetokenizationError: constrained mode found no allowed action id (cannot happen with a consistent
             automaton) or overran its length bound.
+        BundleError: ``config.kernels`` was built for another head or codec (n_rows, V, T, D differ).
     """
     rows = decoder.head_rows
     seen = np.isin(rows, prompt_ids)  # (rows,)
@@ -325,22 +394,20 @@ def greedy(
     eos = set(config.eos_ids)
     logits, out, steps, classes, tops = first_logits, [], [], [], []
     index = int(prompt_ids.size)
+    kernels = config.kernels if auto is not None else None
+    if kernels is not None:
+        _check_kernels(kernels, rows, auto)
     while True:
-        scores = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-        top = argmax_lowest_id(scores, rows)  # the model's own choice over every head row
-        if auto is not None:
-            allowed = auto.allowed(state)  # (V,)
-            if not allowed.any():
-                raise DetokenizationError(
-                    f"constrained decoding: no allowed action id after {len(out)} tokens"
-                )
-            masked = np.full(auto.vocab_size, -np.inf, dtype=np.float32)
-            masked[allowed] = scores[action_rows[allowed]]
-            fast_id = argmax_lowest_id(masked, action_rows)
-            state = auto.advance(state, fast_id)
-            row = int(action_rows[fast_id])
+        if kernels is not None:
+            row, top, state = _select_c(
+                kernels, logits, seen, config.repetition_penalty, rows, auto, state, action_rows, len(out)
+            )
+        elif auto is not None:
+            scores = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+            row, top, state = select_step_numpy(scores, rows, auto, state, action_rows, len(out))
         else:
-            row = top
+            scores = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+            row = top = argmax_lowest_id(scores, rows)  # the model's own choice over every head row
         token = int(rows[row])
         out.append(token)
         tops.append(int(rows[top]))

@@ -7,6 +7,8 @@ Data flow per chunk:
   (system turn .. <|vision_start|>, prefilled once at load)--> logits + KV
   --greedy (constrained by the FAST automaton, or HF-parity unconstrained)--> generated ids
   --action ids - base--> FAST ids --byte-table decode (strict)--> normalized (T, D)
+  (codec backend "c": libnora_fast (nora_edge.kernels) does the constrained selection and the strict decode to
+  integer coefficients; the float64 iDCT below is numpy's either way, so actions are bit-identical)
   --the manifest's postprocess chain (nora_edge.actions.postprocess; default NORA's q01/q99)--> actions (T, D).
 
 Failure policy: every problem raises (InputError for caller input, BundleError for the bundle,
@@ -37,6 +39,7 @@ from nora_edge.actions.normalize import NormStats
 from nora_edge.chunk import ChunkOutput, ForcedTokenRule, check_forced_tokens
 from nora_edge.errors import BundleError, DetokenizationError, InputError
 from nora_edge.generate import Decoder, GenerationResult, GreedyConfig, KVCache, greedy, prefill
+from nora_edge.kernels import SEQ_STATUS, FastKernels, codec_kernels
 from nora_edge.preprocess import ImageSpec, preprocess_image, validate_image
 from nora_edge.prompt import PromptBuilder
 from nora_edge.sessions import GraphSession, open_session
@@ -95,6 +98,8 @@ class NoraPolicy:
             class) and providers (execution providers per graph).
         last_output: the last :class:`ChunkOutput`.
         last_ids: (N,) generated ids of the last generation, set even when its decode then failed.
+        codec_backend: "c" (libnora_fast selects and decodes) or "numpy"; also in ``last_timings``.
+        kernels: the :class:`~nora_edge.kernels.FastKernels` context, or None.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class NoraPolicy:
         image_spec: ImageSpec,
         constrained: bool,
         forced_tokens: ForcedTokenRule | None = None,
+        kernels: FastKernels | None = None,
     ) -> None:
         self.bundle = bundle
         self.vision = vision
@@ -118,6 +124,8 @@ class NoraPolicy:
         self.image_spec = image_spec
         self.constrained = constrained
         self.forced_tokens = forced_tokens or ForcedTokenRule()
+        self.kernels = kernels
+        self.codec_backend = "c" if kernels is not None else "numpy"
         self._lock = threading.RLock()
         self._closed = False
         self.time_horizon = bundle.codec.time_horizon
@@ -132,6 +140,7 @@ class NoraPolicy:
             max_new_tokens=gen.max_new_tokens,
             max_length=gen.max_length,
             repetition_penalty=gen.repetition_penalty,
+            kernels=kernels,
         )
         self._prefix = self._prefill_prefix()
         self._queue: deque[np.ndarray] = deque()
@@ -155,6 +164,7 @@ class NoraPolicy:
         shared_pool: bool = False,
         verify: bool = True,
         cache_dir: str | Path | None = None,
+        kernels: str = "auto",
     ) -> NoraPolicy:
         """Load a bundle and open its graphs.
 
@@ -173,15 +183,21 @@ class NoraPolicy:
             shared_pool: run both graphs on onnxruntime's process-wide thread pool (its spinning stays on).
             verify: check every bundle file's sha256 (False: sizes only).
             cache_dir: TensorRT engine cache folder.
+            kernels: FAST codec backend: "auto" (libnora_fast when it loads, else numpy with one warning per
+                process), "c" (InputError when the library is unavailable) or "numpy". The context comes from
+                the bundle's ``codec.files.native`` tables when listed, else is built from the manifest.
 
         The instruction length limit is the manifest's ``prompt.max_instruction_tokens`` when present, else
         512 tokens (a guard against runaway input, far above any robot instruction).
 
         Raises:
             BundleError: missing/tampered/incompatible bundle or graphs that disagree with the manifest.
-            InputError: bad providers/threads.
+            InputError: bad providers/threads/kernels, or kernels="c" without libnora_fast.
+            KernelsError: kernels="auto" with $NORA_EDGE_KERNELS_LIB naming a library that does not load.
         """
         rule = ForcedTokenRule(forced_tokens, max_repaired)
+        if kernels not in ("auto", "c", "numpy"):
+            raise InputError(f"kernels must be 'auto', 'c' or 'numpy', got {kernels!r}")
         b = bundle if isinstance(bundle, B.Bundle) else B.Bundle.load(bundle, verify=verify)
         check_bundle_consistency(b)
         if not constrained and b.actions.head != "full":
@@ -204,7 +220,13 @@ class NoraPolicy:
             raise BundleError(f"{b.path}: cannot read the embeddings table ({e})") from e
         if list(table.shape) != list(emb.get("shape", table.shape)):
             raise BundleError(f"{b.path}: embeddings shape {table.shape} != manifest {emb.get('shape')}")
-        decoder = Decoder(sessions["decoder"], b.components["decoder"], table, b.actions.head_rows)
+        dspec = b.components["decoder"]
+        if dspec.meta.get("kv_cache") == "static":  # TensorRT flavor: fixed KV buffers written at a slot
+            from nora_edge.static_kv import StaticDecoder
+
+            decoder = StaticDecoder(sessions["decoder"], dspec, table, b.actions.head_rows)
+        else:
+            decoder = Decoder(sessions["decoder"], dspec, table, b.actions.head_rows)
         try:
             tokenizer = Tokenizer.from_file(str(b.file(b.prompt.tokenizer)))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
@@ -233,8 +255,9 @@ class NoraPolicy:
                 f"manifest.json: the vision graph is specialised to grid {list(fixed)} but the image section "
                 f"gives grid {list(image_spec.grid_thw())}"
             )
+        fast = codec_kernels(kernels, b, byte_table, automaton)
         return cls(
-            b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained, rule
+            b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained, rule, fast
         )
 
     def _prefill_prefix(self) -> KVCache:
@@ -340,6 +363,7 @@ class NoraPolicy:
             "new_tokens": int(result.ids.size),
             "token_classes": out.class_counts,
             "providers": self.providers,
+            "codec_backend": self.codec_backend,
         }
         self.last_output = out
         return out
@@ -353,8 +377,18 @@ class NoraPolicy:
             raise DetokenizationError(
                 f"no action tokens were generated (stopped: {result.stopped}, ids {ids.tolist()[:12]})"
             )
-        normalized = self.table.decode_chunk(fast_ids, self.time_horizon, self.action_dim)  # (T, D)
-        return fast_ids.astype(np.int64), np.asarray(normalized, dtype=np.float64)
+        if self.kernels is None:
+            normalized = self.table.decode_chunk(fast_ids, self.time_horizon, self.action_dim)  # (T, D)
+            return fast_ids.astype(np.int64), np.asarray(normalized, dtype=np.float64)
+        status, ints, _ = self.kernels.decode_one(fast_ids)  # (T*D,) int32
+        if status != 0:
+            self.table.decode_chunk(fast_ids, self.time_horizon, self.action_dim)  # raises the exact error
+            raise DetokenizationError(
+                f"codec kernels: decode status '{SEQ_STATUS[status]}' where the numpy decode succeeds"
+            )
+        # the numpy decode's own float64 arithmetic on the same integers: bit-identical
+        normalized = self.table.actions_from_coefficients(ints.reshape(self.time_horizon, self.action_dim))
+        return fast_ids.astype(np.int64), normalized
 
     def predict_action_chunk(
         self, image: np.ndarray, instruction: str, unnorm_key: str | None = None
@@ -411,6 +445,8 @@ class NoraPolicy:
             self._prefix = None
             self.vision = None
             self.decoder.session = None
+            if self.kernels is not None:
+                self.kernels.close()
 
     def __enter__(self) -> NoraPolicy:
         return self

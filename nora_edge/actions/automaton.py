@@ -185,6 +185,8 @@ class FastAutomaton:
         # (Q, V) ids never usable from a state at all: invalid bytes, or chars outside the alphabet
         self._valid = self._nxt != self._dead
         self._nxt_safe = np.where(self._valid, self._nxt, 0)
+        for arr in (self._adv, self._nxt, self._reach):
+            arr.setflags(write=False)
         self._mask_cache: dict[tuple[int, int], np.ndarray] = {}
         if not self._reach[self.total, 0]:
             raise InputError(f"no FAST id sequence decodes into exactly {self.total} coefficients")
@@ -196,6 +198,20 @@ class FastAutomaton:
         if not isinstance(table, ByteTable):
             raise InputError(f"expected a FastTokenizer or ByteTable, got {type(source).__name__}")
         return cls(table, time_horizon, action_dim)
+
+    @property
+    def dfa_states(self) -> int:
+        """Q: UTF-8 DFA states (0 = char boundary); Q itself is the dead state in :meth:`tables`."""
+        return int(self._dead)
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The arrays the C library (``kernels/``) runs on, read-only.
+
+        Returns:
+            adv int32 (Q, V) coefficients each id completes from each state; nxt int32 (Q, V) next state
+            (Q = invalid); reach bool (T*D+1, Q).
+        """
+        return self._adv, self._nxt, self._reach
 
     @property
     def never_allowed(self) -> np.ndarray:

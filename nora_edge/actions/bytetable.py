@@ -345,8 +345,13 @@ class ByteTable:
         """Checked chars -> float64 (T, D) actions: iDCT of (code point + min_token) / scale."""
         self.check_text(text, time_horizon, action_dim)
         cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.float64)  # (T*D,)
-        coeffs = ((cps + self.min_token) / self.scale).reshape(time_horizon, action_dim)  # (T, D)
-        return np.matmul(idct_basis(time_horizon), coeffs)  # (T, T) @ (T, D)
+        return self.actions_from_coefficients((cps + self.min_token).reshape(time_horizon, action_dim))
+
+    def actions_from_coefficients(self, coeffs: np.ndarray) -> np.ndarray:
+        """Integer DCT coefficients (code point + min_token), (T, D) any numeric dtype -> float64 (T, D)
+        actions: iDCT of coefficients / scale (what every decode path ends with, e.g. after libnora_fast)."""
+        coeffs = np.asarray(coeffs, dtype=np.float64)
+        return np.matmul(idct_basis(coeffs.shape[0]), coeffs / self.scale)  # (T, T) @ (T, D)
 
     def decode_coefficients(self, ids: object, time_horizon: int, action_dim: int) -> np.ndarray:
         """Strict decode of one id sequence to int64 (T, D) coefficients."""

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nora_edge import bundle
+from nora_edge.actions.native import NATIVE_DIR, NATIVE_TXT
 from nora_edge.bundle import Bundle, compress_ranges, expand_ranges, format_info
 from nora_edge.errors import BundleError
 from nora_edge.export.bundle_writer import BundleWriter, write_bundle
@@ -38,8 +39,10 @@ def test_loads_and_lists_every_file(tiny_bundle: Path):
         bundle.EMBEDDINGS,
         bundle.TOKENIZER,
         bundle.CODEC_BYTE_TABLE,
+        f"{NATIVE_DIR}/{NATIVE_TXT}",
     ):
         assert rel in b.manifest["files"]
+    assert b.codec.native == NATIVE_DIR
     assert b.manifest["schema_version"] == bundle.SCHEMA_VERSION
     assert b.actions.head_rows.size == b.components["decoder"].outputs[0].shape[1]
 

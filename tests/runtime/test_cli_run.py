@@ -34,3 +34,12 @@ def test_run_json_reports_milliseconds_and_token_classes(rt_bundle_action, tmp_p
     # chunk well under 1 s, so seconds would show up as a total below 1
     assert ms["total"] > 1.0, f"timings look like seconds, not ms: {ms}"
     assert data["mode"] == "constrained" and "CPUExecutionProvider" in data["providers"]["decoder"]
+    assert data["codec_backend"] == policy.codec_backend
+    numpy_run = CliRunner().invoke(app, [*args, "--json", "--allow-forced", "--kernels", "numpy"])
+    assert numpy_run.exit_code == 0, numpy_run.output
+    assert json.loads(numpy_run.output)["codec_backend"] == "numpy"
+    np.testing.assert_array_equal(
+        np.array(json.loads(numpy_run.output)["actions"]), np.array(data["actions"])
+    )
+    bad = CliRunner().invoke(app, [*args, "--kernels", "cuda"])
+    assert bad.exit_code == 2 and "kernels must be" in bad.output

@@ -1,0 +1,117 @@
+/* fast_cpu.c — the CPU implementation of nora_fast_select / nora_fast_decode (host pointers).
+ *
+ * select: for each row b: check the state, scan every head row for the model's top choice (optional), scan the
+ *   allowed FAST ids (penalised scores, ties to the lowest head row), status in nora-edge's order, advance the
+ *   automaton and mark the chosen row as seen.
+ * decode: for each sequence b: nf_decode_seq (ids -> strict UTF-8 -> integer coefficients, status) then every
+ *   (t, d) through nf_action (float64 iDCT + post-processing program) -> float32; a failed sequence gets NaN.
+ * The per-element code is fast_elem.h, shared with the CUDA kernels.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fast_ctx.h"
+
+static int check_common(const nora_fast_ctx* ctx, int batch, const char* fn) {
+  if (!ctx) return nf_fail(NORA_FAST_E_ARGUMENT, "%s: NULL context", fn);
+  if (batch < 0) return nf_fail(NORA_FAST_E_ARGUMENT, "%s: batch %d < 0", fn, batch);
+  return NORA_FAST_OK;
+}
+
+int nora_fast_select(const nora_fast_ctx* ctx, int batch, const float* logits, int64_t row_stride, uint8_t* seen,
+                     float penalty, int32_t* done, int32_t* pending, int32_t* out_id, int32_t* out_top,
+                     int32_t* status) {
+  int rc = check_common(ctx, batch, "nora_fast_select");
+  if (rc) return rc;
+  const nf_view* v = &ctx->host;
+  if (batch > 0 && (!logits || !done || !pending || !out_id || !status))
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_select: NULL logits, done, pending, out_id or status");
+  if (row_stride < v->n_rows)
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_select: row_stride %lld < the head's %d rows",
+                   (long long)row_stride, v->n_rows);
+  if (!(penalty > 0.0f)) return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_select: penalty %g must be > 0", penalty);
+  int penalise = seen != NULL && penalty != 1.0f;
+  int failed = 0;
+  for (int b = 0; b < batch; ++b) {
+    const float* row_logits = logits + (int64_t)b * row_stride;
+    uint8_t* row_seen = penalise ? seen + (int64_t)b * row_stride : NULL;
+    out_id[b] = -1;
+    if (out_top) out_top[b] = -1;
+    if (!nf_state_ok(v, done[b], pending[b])) {
+      status[b] = NORA_FAST_SEL_BAD_STATE;
+      ++failed;
+      continue;
+    }
+    nf_best top = nf_best_init(), allowed = nf_best_init();
+    if (out_top) {
+      nf_scan_top(v, row_logits, row_seen, penalty, 0, v->n_rows, &top);
+      out_top[b] = top.index;
+    }
+    nf_scan_allowed(v, row_logits, row_seen, penalty, done[b], pending[b], 0, v->V, &allowed);
+    status[b] = nf_select_status(out_top ? &top : NULL, &allowed);
+    if (status[b] != NORA_FAST_SEL_OK) {
+      ++failed;
+      continue;
+    }
+    int32_t id = allowed.index;
+    int64_t k = (int64_t)pending[b] * v->V + id;
+    out_id[b] = id;
+    done[b] += v->adv[k];
+    pending[b] = v->nxt[k];
+    if (row_seen) row_seen[v->action_rows[id]] = 1;
+  }
+  if (failed) return nf_fail(NORA_FAST_E_ROWS, "nora_fast_select: %d of %d rows failed (see status)", failed, batch);
+  nf_ok();
+  return NORA_FAST_OK;
+}
+
+int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
+                     const int32_t* lengths, int program, float* actions, int32_t* coeffs, int32_t* status,
+                     int32_t* error_pos) {
+  int rc = check_common(ctx, batch, "nora_fast_decode");
+  if (rc) return rc;
+  const nf_view* v = &ctx->host;
+  if (batch > 0 && (!ids || !lengths || !status))
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_decode: NULL ids, lengths or status");
+  if (program < -1 || program >= v->n_programs)
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_decode: program %d outside [-1, %d)", program, v->n_programs);
+  for (int b = 0; b < batch; ++b)
+    if (lengths[b] < 0 || lengths[b] > id_stride)
+      return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_decode: lengths[%d] = %d outside [0, id_stride %lld]", b,
+                     lengths[b], (long long)id_stride);
+  int32_t total = v->total;
+  int32_t* tmp = (int32_t*)malloc((size_t)total * sizeof(int32_t));
+  if (!tmp) return nf_fail(NORA_FAST_E_NO_MEMORY, "nora_fast_decode: out of memory");
+  int failed = 0;
+  for (int b = 0; b < batch; ++b) {
+    int32_t pos = -1;
+    int32_t st = nf_decode_seq(v, ids + (int64_t)b * id_stride, lengths[b], tmp, &pos);
+    float* act = actions ? actions + (int64_t)b * total : NULL;
+    if (st == NORA_FAST_SEQ_OK && act) {
+      for (int32_t t = 0; t < v->T && st == NORA_FAST_SEQ_OK; ++t) {
+        for (int32_t d = 0; d < v->D; ++d) {
+          float x = (float)nf_action(v, tmp, t, d, program);
+          act[t * v->D + d] = x;
+          if (!isfinite(x)) st = NORA_FAST_SEQ_NOT_FINITE;
+        }
+      }
+    }
+    if (st != NORA_FAST_SEQ_OK) {
+      ++failed;
+      if (act)
+        for (int32_t i = 0; i < total; ++i) act[i] = NAN;
+    }
+    if (coeffs) {
+      int32_t* c = coeffs + (int64_t)b * total;
+      if (st == NORA_FAST_SEQ_OK) memcpy(c, tmp, (size_t)total * sizeof(int32_t));
+      else memset(c, 0, (size_t)total * sizeof(int32_t));
+    }
+    status[b] = st;
+    if (error_pos) error_pos[b] = pos;
+  }
+  free(tmp);
+  if (failed)
+    return nf_fail(NORA_FAST_E_ROWS, "nora_fast_decode: %d of %d sequences failed (see status)", failed, batch);
+  nf_ok();
+  return NORA_FAST_OK;
+}
