@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
+.PHONY: kernels bench-kernels bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
 
 # system packages: libosmesa6 renders MetaWorld offscreen on the CPU (the sim extra); apt runs only when missing
 APT_PACKAGES := libosmesa6
@@ -25,10 +25,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+# the FAST+ C library (kernels/): the CPU build here; `make -C kernels` adds the CUDA library where nvcc exists
+kernels:
+	$(MAKE) -C kernels cpu
+
+demo: $(STAMP) kernels
 	$(VENV)/bin/nora-edge demo --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) kernels
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 test-slow: $(STAMP)
@@ -105,8 +109,20 @@ train-sim: $(SIM)/demos.npz
 eval-sim: $(STAMP)
 	$(PY) -m nora_edge.sim.table $(SIM_POLICY) --out $(SIM)/eval --episodes $(SIM_EPISODES) --workers $(SIM_WORKERS)
 
+# --- libnora_fast benchmark: C vs numpy vs the published FAST decode; share of a medium NORA decode step -----
+# the medium bundle is built once under $(OUT)/kernels-bench (~45 s); then ~30 s on 2 cores (callgrind included)
+bench-kernels: $(STAMP) kernels
+	command -v valgrind >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind)
+	$(PY) -m nora_edge.bench.kernels_bench --out $(OUT)/kernels-bench
+
+# --- decoder flavors: one decode step of our decoder vs onnxruntime-genai's builder output (node counts, 1 and 2
+# threads, same-input diffs, per-op profile); medium fixture + a real-dimension 4-layer slice: ~10 min, ~7 GB in $(OUT)
+bench-decoder-flavors: $(STAMP)
+	$(PY) -m nora_edge.bench.decoder_flavors --out $(OUT)/decoder-flavors --fixture medium real-slice --threads 1 2 --past 130 --steps 300
+
 soak: $(OUT)/ci/bundle
 	$(PY) -m nora_edge.bench.soak $(OUT)/ci/bundle --steps 10000 --out $(OUT)/soak
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache .ruff_cache
+	$(MAKE) -C kernels clean

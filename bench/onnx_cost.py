@@ -31,6 +31,7 @@ _VIEW_OPS = {
     "Shape",
     "Size",
 }  # no data moved by ORT
+VIEW_OPS = frozenset(_VIEW_OPS)  # no kernel launched either (``nora_edge.bench.launches``)
 _MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "Conv", "MatMulNBits"} | _MATMUL_INT8 | _ATTENTION
 
 

@@ -216,6 +216,57 @@ def baseline7b_markdown(sec: dict) -> list[str]:
 EXTRAPOLATED_NOTE = "one real-size layer of each kind timed and multiplied out"
 
 
+def launches_markdown(r: dict, stages: list[str]) -> list[str]:
+    """Node counts per graph and the three prediction lines (roofline, + kernel launches, + one CUDA graph)."""
+    out = [
+        "### Node counts and kernel launches",
+        "",
+        "Nodes as stored and after onnxruntime's optimizer (ORT_ENABLE_ALL, subgraphs included); kernels = "
+        "optimized nodes less view ops (reshapes, Shape), one launch each. For a TensorRT engine this is an upper "
+        "bound (TensorRT fuses further).",
+        "",
+    ]
+    rows = [
+        [
+            g,
+            f"{c['bytes'] / 1e6:.1f}",
+            c["file_nodes"],
+            c["optimized_nodes"] if c["optimized_nodes"] is not None else "not optimized",
+            c["kernels"],
+            c["provider"] or "n/a",
+            ", ".join(f"{op} {n}" for op, n in c["top_ops"][:5]),
+            c["skipped"] or f"{c['seconds']:.2f} s",
+        ]
+        for g, c in r["node_counts"].items()
+    ]
+    header = ["graph", "MB", "file nodes", "optimized nodes", "kernels", "provider", "top ops", "note"]
+    out += [table(header, rows), ""]
+    lines = {"roofline only": r["profiles_roofline"], "+ kernel launches": r["profiles"]}
+    lines["+ one CUDA graph launch"] = r["profiles_cuda_graph"]
+    rows = [
+        [p, label, *[v[p][s] for s in stages]]
+        for p in r["profiles"]
+        if (r.get("launch_costs") or {}).get(p)
+        for label, v in lines.items()
+    ]
+    out += [
+        f"Launches per invocation: {', '.join(f'{s} {n}' for s, n in r['launches'].items())}. Predicted ms per "
+        "stage with launch costs (profiles' `[launch]` table):",
+        "",
+        table(["profile", "line", *stages], rows),
+        "",
+    ]
+    groups: dict[str, list[str]] = {}  # profiles with the same launch costs share one line
+    for p, lc in (r.get("launch_costs") or {}).items():
+        text = (
+            "; ".join(f"{k} = {q['value']:g} us ({q['source']})" for k, q in lc.items())
+            if lc
+            else "no launch cost (ORT's per-node overhead is inside the measured host rates)"
+        )
+        groups.setdefault(text, []).append(p)
+    return out + [f"- {', '.join(ps)}: {text}" for text, ps in groups.items()]
+
+
 def bench_markdown(res: dict) -> str:
     """The bench-run report (``report.md``)."""
     rt, cfg, b = res["runtime"], res["config"], res["bundle"]
@@ -295,6 +346,8 @@ def bench_markdown(res: dict) -> str:
         out.append(
             table(["profile", *stages], [[p, *[v[s] for s in stages]] for p, v in r["profiles"].items()])
         )
+        if r.get("node_counts"):
+            out += ["", *launches_markdown(r, stages)]
     if res.get("baseline7b"):
         out += ["", *baseline7b_markdown(res["baseline7b"])]
     if res.get("gate"):

@@ -8,8 +8,9 @@ latency, inferences/s and actions/s.
 
 Model: each op takes ``max(flops / (peak[precision] * eff_compute), bytes / (bandwidth * eff_memory))``, with the
 profile's GEMV rate as the peak for one-row weight products where it has one (``host``: int8 and int4); a stage is
-the sum of its ops (kernels run one after another at batch 1). Bytes are the weights read once per forward plus
-activations and KV cache read and written.
+the sum of its ops (kernels run one after another at batch 1), plus ``launches x launch_us`` when the caller counts
+kernel launches (``nora_edge.bench.launches``: nodes after fusion, or one CUDA graph launch). Bytes are the weights
+read once per forward plus activations and KV cache read and written.
 """
 
 from __future__ import annotations
@@ -303,27 +304,57 @@ def op_ms(op: OpCost, profile: DeviceProfile) -> tuple[float, str]:
     return 1e3 * max(t_c, t_m), "compute" if t_c >= t_m else "memory"
 
 
-def predict_stage_ms(cost: StageCost, profile: DeviceProfile) -> dict:
-    """Predicted milliseconds of one stage invocation, and the share of time in compute-bound ops."""
+def predict_stage_ms(
+    cost: StageCost, profile: DeviceProfile, launches: int = 0, launch_us: float = 0.0
+) -> dict:
+    """Predicted milliseconds of one stage invocation, and the share of time in compute-bound ops.
+
+    Args:
+        launches: kernel (or graph) launches of one invocation (``nora_edge.bench.launches``); 0: not counted.
+        launch_us: host cost of one launch in microseconds, added per launch (no overlap with the GPU assumed).
+
+    Returns:
+        {"ms": roofline + launches, "roofline_ms", "launch_ms", "launches", "compute_bound_share" (of the
+        roofline part)}.
+    """
+    if launches < 0 or launch_us < 0:
+        raise InputError(f"launches ({launches}) and launch_us ({launch_us}) must be >= 0")
     total = compute = 0.0
     for op in cost.ops:
         ms, bound = op_ms(op, profile)
         total += ms
         compute += ms if bound == "compute" else 0.0
-    return {"ms": total, "compute_bound_share": compute / total if total else 0.0}
+    launch_ms = launches * launch_us / 1e3
+    return {
+        "ms": total + launch_ms,
+        "roofline_ms": total,
+        "launch_ms": launch_ms,
+        "launches": launches,
+        "compute_bound_share": compute / total if total else 0.0,
+    }
 
 
 def predict_inference(
-    spec: VlaSpec, plan: PrecisionPlan, profile: DeviceProfile, costs: dict[str, StageCost] | None = None
+    spec: VlaSpec,
+    plan: PrecisionPlan,
+    profile: DeviceProfile,
+    costs: dict[str, StageCost] | None = None,
+    launches: dict[str, int] | None = None,
+    launch_us: float = 0.0,
 ) -> dict:
     """End-to-end prediction of one inference of ``spec`` on ``profile``.
 
+    Args:
+        launches: launches per invocation of each stage (absent stages: 0); None: roofline only.
+        launch_us: host cost of one launch (``nora_edge.bench.launches.launch_costs``).
+
     Returns:
         {"stages": {stage: ms per invocation}, "stage_totals_ms": {stage: ms per inference}, "e2e_ms",
-        "inferences_per_s", "actions_per_s", "decode_steps", "bound": {stage: compute-bound share}}.
+        "inferences_per_s", "actions_per_s", "decode_steps", "bound": {stage: compute-bound share},
+        "launches": {stage: launches per invocation}, "launch_us"}.
     """
     costs = costs or analytic_stage_costs(spec, plan)
-    per = {s: predict_stage_ms(c, profile) for s, c in costs.items()}
+    per = {s: predict_stage_ms(c, profile, (launches or {}).get(s, 0), launch_us) for s, c in costs.items()}
     calls = {
         "vision": 1,
         "prefill": 1,
@@ -339,6 +370,8 @@ def predict_inference(
         "stages": {s: per[s]["ms"] for s in per},
         "stage_totals_ms": totals,
         "bound": {s: per[s]["compute_bound_share"] for s in per},
+        "launches": {s: per[s]["launches"] for s in per},
+        "launch_us": launch_us,
         "e2e_ms": e2e,
         "inferences_per_s": 1e3 / e2e,
         "actions_per_s": 1e3 / e2e * spec.actions_per_inference,

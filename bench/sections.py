@@ -1,7 +1,8 @@
 """Derived sections of a bench report: the bundle, the roofline of its graphs, its speed per profile.
 
 Data flow: loaded NoraPolicy + the runtime's statistics (``run.summarize_kind``) + the measured host profile ->
-``bundle`` / ``roofline`` sections (``bundle_cost`` on the bundle's own graphs, every device profile) ->
+``bundle`` / ``roofline`` sections (``bundle_cost`` on the bundle's own graphs, every device profile; node counts
+and kernel launches from ``launches``) ->
 :func:`bundle_actions_per_s` (host measured, devices predicted) for the OpenVLA-7B section
 (``baseline7b.bench_section``).
 """
@@ -11,11 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 from nora_edge.bench.bundle_cost import bundle_stage_costs, predict_bundle
+from nora_edge.bench.launches import bundle_node_counts, launch_costs_json, launch_lines, stage_launches
 from nora_edge.profiles import list_profiles, load_profile
 
 
 def roofline_section(policy, instruction: str, summary: dict, host, new_tokens: int) -> dict:
-    """Predicted vs measured per stage on the host, and predictions on every device profile."""
+    """Predicted vs measured per stage on the host, and predictions on every device profile.
+
+    ``profiles``: roofline + one launch per kernel (the graphs' nodes after onnxruntime's fusion, view ops left
+    out; ``launches``), the graphs run op by op; ``profiles_roofline``: bytes and FLOPs only;
+    ``profiles_cuda_graph``: one CUDA graph launch per stage instead; ``node_counts``: per graph, as stored and
+    after the optimizer (``launches.bundle_node_counts``). The host has no launch cost (its peaks are measured ORT
+    kernel rates), so its three lines agree."""
     b = policy.bundle
     grid = np.asarray([b.components["vision"].meta.get("grid_thw", [1, 16, 16])], dtype=np.int64)
     prompt = policy.prompt.build(instruction, grid)
@@ -23,6 +31,9 @@ def roofline_section(policy, instruction: str, summary: dict, host, new_tokens: 
     costs = bundle_stage_costs(b, prompt.length, prefix, new_tokens, patches=int(np.prod(grid[0])))
     profiles = [host] + [load_profile(n) for n in list_profiles() if n != "host"]
     pred = predict_bundle(costs, profiles)
+    nodes = bundle_node_counts(b, policy.providers)
+    launches = stage_launches(nodes)
+    lines = {p.name: launch_lines(costs, p, launches) for p in profiles}
     host_rows = {}
     for stage, cost in costs.items():
         measured = summary["stages"].get(stage, {}).get("median")
@@ -42,7 +53,14 @@ def roofline_section(policy, instruction: str, summary: dict, host, new_tokens: 
         "cached_prefix_tokens": prefix,
         "new_tokens": new_tokens,
         "host": host_rows,
-        "profiles": {name: {s: v["ms"] for s, v in st.items()} for name, st in pred.items()},
+        "profiles": {name: {s: v["kernel_ms"] for s, v in st.items()} for name, st in lines.items()},
+        "profiles_roofline": {name: {s: v["ms"] for s, v in st.items()} for name, st in pred.items()},
+        "profiles_cuda_graph": {
+            name: {s: v["cuda_graph_ms"] for s, v in st.items()} for name, st in lines.items()
+        },
+        "node_counts": nodes,
+        "launches": launches,
+        "launch_costs": launch_costs_json(profiles),
     }
 
 

@@ -94,15 +94,26 @@ class DecoderLayer(nn.Module):
         self.num_heads, self.num_kv_heads = int(attn.num_heads), int(attn.num_key_value_heads)
         self.head_dim, self.scaling = int(attn.head_dim), float(attn.scaling)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
+    def project(self, x, cos, sin):
+        """Input norm, q/k/v projections and rotary: x (B, S, H) -> q (B, Hq, S, hd), k, v (B, Hkv, S, hd)."""
         b, s, _ = x.shape
         h = self.norm1(x)
         q = self.q(h).reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, hd)
         k = self.k(h).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v(h).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         c, sn = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, S, hd)
-        q = q * c + rotate_half(q) * sn
-        k = k * c + rotate_half(k) * sn
+        return q * c + rotate_half(q) * sn, k * c + rotate_half(k) * sn, v
+
+    def finish(self, x, out):
+        """o_proj + residual, then the SwiGLU MLP block: attention output (B, Hq, S, hd) -> x (B, S, H)."""
+        b, s, _ = x.shape
+        x = x + self.o(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        h = self.norm2(x)
+        return x + self.down(self.act(self.gate(h)) * self.up(h))
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        b, s, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         k_all = torch.cat((past_k, k), dim=2)  # (B, Hkv, P+S, hd)
         v_all = torch.cat((past_v, v), dim=2)
         rep = self.num_heads // self.num_kv_heads
@@ -119,9 +130,7 @@ class DecoderLayer(nn.Module):
         )
         scores = torch.matmul(q, kr.transpose(2, 3)) * self.scaling + mask  # (B, Hq, S, P+S)
         out = torch.matmul(torch.softmax(scores, dim=-1), vr)  # (B, Hq, S, hd)
-        x = x + self.o(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-        h = self.norm2(x)
-        return x + self.down(self.act(self.gate(h)) * self.up(h)), k_all, v_all
+        return self.finish(x, out), k_all, v_all
 
 
 def attention_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
@@ -139,11 +148,15 @@ def attention_bias(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
 class DecoderForExport(nn.Module):
     """fp32 decoder-with-KV wrapper over an HF Qwen2.5-VL model; logits of the last position for ``head_rows``.
 
+    ``layer_class`` builds each layer (a subclass swaps in its own attention over the same weights).
+
     Args:
         model: ``Qwen2_5_VLForConditionalGeneration``.
         head_rows: Qwen ids of the logits rows.
         free_source: delete each HF decoder layer once copied (keeps peak memory near one fp32 copy).
     """
+
+    layer_class: type[DecoderLayer] = DecoderLayer
 
     def __init__(self, model: nn.Module, head_rows: list[int], *, free_source: bool = False) -> None:
         super().__init__()
@@ -151,7 +164,7 @@ class DecoderForExport(nn.Module):
         self.rotary = MultimodalRotary(lm.rotary_emb)
         layers = []
         for i in range(len(lm.layers)):
-            layers.append(DecoderLayer(lm.layers[i]))
+            layers.append(self.layer_class(lm.layers[i]))
             if free_source:
                 lm.layers[i] = nn.Identity()
         self.layers = nn.ModuleList(layers)
@@ -187,16 +200,20 @@ def decoder_io_specs(dec: DecoderForExport) -> tuple[list, list]:
         bundle.TensorSpec(bundle.ATTENTION_MASK, "int64", ("batch", "total")),
     ]
     outs = [bundle.TensorSpec(bundle.LOGITS, "float32", ("batch", int(dec.head_w_t.shape[1])))]
-    for i in range(dec.num_layers):
-        ins += [
-            bundle.TensorSpec(bundle.past_key(i), "float32", kv),
-            bundle.TensorSpec(bundle.past_value(i), "float32", kv),
+    past, present = kv_specs(dec.num_layers, kv, kv_out)
+    return ins + past, outs + present
+
+
+def kv_specs(num_layers: int, past_shape: tuple, present_shape: tuple) -> tuple[list, list]:
+    """TensorSpecs of every layer's past K/V (inputs) and present K/V (outputs), in graph order."""
+    past, present = [], []
+    for i in range(num_layers):
+        past += [bundle.TensorSpec(f(i), "float32", past_shape) for f in (bundle.past_key, bundle.past_value)]
+        present += [
+            bundle.TensorSpec(f(i), "float32", present_shape)
+            for f in (bundle.present_key, bundle.present_value)
         ]
-        outs += [
-            bundle.TensorSpec(bundle.present_key(i), "float32", kv_out),
-            bundle.TensorSpec(bundle.present_value(i), "float32", kv_out),
-        ]
-    return ins, outs
+    return past, present
 
 
 def example_inputs(dec: DecoderForExport, batch: int = 2, seq: int = 5, past: int = 3) -> tuple:
@@ -237,13 +254,20 @@ def export_decoder(
     dec = DecoderForExport(model, head_rows, free_source=free_source).eval()
     ins, outs = decoder_io_specs(dec)
     data_files = export_module(dec, example_inputs(dec), Path(out_path), ins, outs, varargs_from=3)
-    meta = {
+    return decoder_spec(dec, out_path, data_files, ins, outs, head, len(head_rows))
+
+
+def decoder_spec(
+    dec: DecoderForExport, out_path, data_files, ins: list, outs: list, head: str, rows: int, **meta
+) -> bundle.ComponentSpec:
+    """The fp32 decoder's manifest ComponentSpec; ``meta`` adds fields to the common ones."""
+    common = {
         "num_layers": dec.num_layers,
         "num_kv_heads": dec.num_kv_heads,
         "head_dim": dec.head_dim,
         "hidden_size": dec.hidden_size,
         "head": head,
-        "num_rows": len(head_rows),
+        "num_rows": rows,
     }
     return bundle.ComponentSpec(
         file=Path(out_path).name,
@@ -251,5 +275,5 @@ def export_decoder(
         precision="fp32",
         inputs=tuple(ins),
         outputs=tuple(outs),
-        meta=meta,
+        meta={**common, **meta},
     )

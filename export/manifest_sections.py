@@ -243,3 +243,35 @@ def write_codec_files(ckpt: NoraCheckpoint, staging: Path) -> int:
         )
     table.save(staging / bundle.CODEC_BYTE_TABLE)
     return table.vocab_size
+
+
+def write_native_codec(staging: Path, sections: dict) -> str:
+    """Write ``codec/native/`` (the C library's tables, ``nora_edge.actions.native``) from the staged byte table
+    and the manifest sections (actions head rows, codec T/D, post-processing chain, norm stats).
+
+    Returns:
+        the directory's bundle-relative path (``codec.files.native``).
+
+    Raises:
+        ExportError: the sections are inconsistent (e.g. the head lacks a FAST id's row).
+    """
+    from nora_edge.actions.automaton import FastAutomaton
+    from nora_edge.actions.native import NATIVE_DIR, build_native, write_native
+    from nora_edge.actions.normalize import NormStats
+    from nora_edge.actions.postprocess import Chain, default_chain
+    from nora_edge.bundle_specs import ActionSpec
+    from nora_edge.errors import BundleError
+
+    codec = sections["codec"]
+    table = ByteTable.load(staging / bundle.CODEC_BYTE_TABLE)
+    automaton = FastAutomaton(table, codec["time_horizon"], codec["action_dim"])
+    norm_stats = {k: NormStats.from_json(k, v) for k, v in sections["norm_stats"].items()}
+    post = sections.get("postprocess")
+    chain = Chain.from_json(post, ExportError, "postprocess") if post is not None else default_chain()
+    actions = ActionSpec.from_json(sections["actions"])
+    try:
+        tables = build_native(table, automaton, actions.head_rows, actions.base, chain, norm_stats)
+    except BundleError as e:
+        raise ExportError(f"native codec tables: {e}") from e
+    write_native(staging / NATIVE_DIR, tables)
+    return NATIVE_DIR

@@ -30,6 +30,9 @@ from nora_edge.checkpoint import NoraCheckpoint
 from nora_edge.errors import ExportError
 from nora_edge.export.bundle_writer import BundleWriter
 
+TARGETS = ("onnxruntime", "tensorrt")
+TRT_MAX_INSTRUCTION_TOKENS = 128  # a robot instruction; the static KV cache is sized for it
+TRT_CHECK_VERSIONS = ("10.3", "latest")  # JetPack 6's TensorRT and the newest documented
 STAGES = ("load", "reference", "embeddings", "vision", "decoder", "recipes", "codec", "validate", "manifest")
 FIDELITY_REPORT = "fidelity_report.json"
 
@@ -135,6 +138,7 @@ def export_bundle(
     norm_mode: str = "min_max",
     gripper: Sequence[str] = (),
     mask: Sequence[bool] | None = None,
+    target: str = "onnxruntime",
 ) -> Path:
     """Export a NORA checkpoint to a bundle directory.
 
@@ -175,12 +179,27 @@ def export_bundle(
             or "mean_std"); None keeps NORA's q01/q99 by the caller's unnorm key.
         gripper: gripper steps appended to the chain in order, ``"OP[:DIM]"`` (rescale, binarize, invert).
         mask: (D,) per-dimension unnormalize mask: False leaves that dimension as the model produced it.
+        target: "onnxruntime" (default: the decoder's KV grows every step) or "tensorrt" (fp32 so far: only
+            standard ONNX ops, a static KV cache of ``max_len`` slots written at ``cache_position``
+            (decoder_static.py), both graphs checked against TensorRT's operator tables (trt_support.py), the
+            instruction limited to :data:`TRT_MAX_INSTRUCTION_TOKENS` tokens).
 
     Returns:
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
     """
     args = dict(locals())  # every parameter, for the call on the overlaid checkpoint below
     check_options(precision, image_size, head, embeddings_dtype, validation_prompts)
+    if target not in TARGETS:
+        raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "tensorrt" and not specialise_224:
+        raise ExportError(
+            "target 'tensorrt' needs the specialised vision graph (static input shape): specialise_224=True"
+        )
+    if target == "tensorrt" and precision != "fp32":
+        raise ExportError(
+            f"target 'tensorrt' exports fp32 only so far (QDQ int8, blocked-DQ int4 and fp16 TensorRT flavors "
+            f"are not built yet); got precision {precision!r}"
+        )
     if weights is not None:
         from nora_edge.export.weights_overlay import overlaid_checkpoint
 
@@ -218,7 +237,7 @@ def export_bundle(
             ),
         )
     ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
-    from nora_edge.export.manifest_sections import postprocess_section
+    from nora_edge.export.manifest_sections import postprocess_section, write_native_codec
 
     # the action chain: stats/gripper errors (ExportError) surface before any stage runs
     chain = postprocess_section(ckpt, stats, stats_key, norm_mode, gripper, mask)
@@ -244,11 +263,14 @@ def export_bundle(
             validate,
             validation_prompts,
             tuple(validation_instructions) if validation_instructions is not None else None,
+            target,
         )
         sections = export_graphs(ckpt, staging, opts, done)
         if _overlay is not None:  # the base directory is the source; the overlaid copy was temporary
             sections["source_checkpoint"].update(path=_overlay["base_dir"], overlay=_overlay)
         sections["postprocess"] = chain  # after validation, which compares NORA's q01/q99 actions
+        # the C library's tables (kernels/): byte table, automaton, head rows, the chain compiled per unnorm key
+        sections["codec"]["files"]["native"] = write_native_codec(staging, sections)
         if report:
             writer.write_json(FIDELITY_REPORT, {"precision": precision, "validation": sections["validation"]})
         sections["export"] = {
@@ -258,6 +280,7 @@ def export_bundle(
             "precision": precision,
             "specialised_vision": specialise_224,
             "head": head,
+            "target": target,
         }
         path = writer.commit(sections)
         done("manifest")
@@ -275,6 +298,7 @@ class ExportOptions:
     validate: bool
     validation_prompts: int
     validation_instructions: tuple[str, ...] | None
+    target: str = "onnxruntime"
 
 
 def export_graphs(
@@ -330,7 +354,10 @@ def export_graphs(
     model.model.visual = None
     gc.collect()
     done("vision")
-    dspec = export_decoder(model, staging / bundle.DECODER_ONNX, rows, head=head, free_source=True)
+    if opts.target == "tensorrt":
+        dspec = export_static_decoder(model, staging, sections, rows, ckpt, grid, head)
+    else:
+        dspec = export_decoder(model, staging / bundle.DECODER_ONNX, rows, head=head, free_source=True)
     del model
     gc.collect()
     done("decoder")
@@ -402,3 +429,31 @@ def export_quantized(
         )
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def export_static_decoder(model, staging: Path, sections: dict, rows: list[int], ckpt, grid, head: str):
+    """The TensorRT-flavor decoder (static KV) sized for this bundle's longest prompt; also checks the staged
+    vision graph against TensorRT's tables. Sets ``prompt.max_instruction_tokens`` (the runtime's limit)."""
+    from nora_edge.export.decoder_static import export_decoder_static, static_max_len
+    from nora_edge.export.trt_support import assert_tensorrt_compatible
+
+    merge = int(ckpt.vision_config["spatial_merge_size"])
+    image_tokens = grid[0] * grid[1] * grid[2] // (merge * merge)
+    prompt = sections["prompt"]
+    prompt["max_instruction_tokens"] = TRT_MAX_INSTRUCTION_TOKENS
+    longest = (
+        len(prompt["prefix_ids"]) + image_tokens + 1 + TRT_MAX_INSTRUCTION_TOKENS + len(prompt["suffix_ids"])
+    )
+    max_len = static_max_len(longest, ckpt.time_horizon, ckpt.action_dim)
+    for version in TRT_CHECK_VERSIONS:
+        assert_tensorrt_compatible(staging / bundle.VISION_ONNX, version)
+    spec = export_decoder_static(
+        model, staging / bundle.DECODER_ONNX, rows, max_len, head=head, free_source=True,
+        check_versions=TRT_CHECK_VERSIONS,
+    )  # fmt: skip
+    from nora_edge.export.trt_engine import tensorrt_section
+
+    sections["tensorrt"] = tensorrt_section(
+        int(spec.meta["hidden_size"]), longest, max_len, TRT_CHECK_VERSIONS
+    )
+    return spec

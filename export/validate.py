@@ -247,21 +247,32 @@ class OrtDecoder:
             f(i) for i in range(self.n) for f in (bundle.present_key, bundle.present_value)
         ]
 
-    def empty_past(self) -> list[np.ndarray]:
-        shape = (1, self.meta["num_kv_heads"], 0, self.meta["head_dim"])
-        return [np.zeros(shape, np.float32) for _ in self.kv_names]
+        # a TensorRT-flavor graph (decoder_static.py): fixed (1, kv, max_len, hd) buffers written at cache_position
+        self.static = spec.meta.get("kv_cache") == "static"
 
-    def step(self, embeds: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
-        """embeds (1, S, H), positions (3, 1, S) -> logits (rows,), present list."""
-        total = past[0].shape[2] + embeds.shape[1]
+    def empty_past(self) -> tuple[int, list[np.ndarray]]:
+        """(tokens held, K/V per layer): (1, kv, 0, hd) arrays, or zeroed (1, kv, max_len, hd) static buffers."""
+        slots = int(self.meta["max_len"]) if self.static else 0
+        shape = (1, self.meta["num_kv_heads"], slots, self.meta["head_dim"])
+        return 0, [np.zeros(shape, np.float32) for _ in self.kv_names]
+
+    def step(self, embeds: np.ndarray, positions: np.ndarray, past: tuple[int, list[np.ndarray]]):
+        """embeds (1, S, H), positions (3, 1, S) -> logits (rows,), (tokens held, present list)."""
+        held, kv = past
+        total = held + embeds.shape[1]
         feeds = {
             bundle.INPUTS_EMBEDS: embeds.astype(np.float32),
             bundle.POSITION_IDS: positions.astype(np.int64),
-            bundle.ATTENTION_MASK: np.ones((1, total), np.int64),
-            **dict(zip(self.kv_names, past, strict=True)),
+            **dict(zip(self.kv_names, kv, strict=True)),
         }
+        if self.static:
+            from nora_edge.static_kv import CACHE_POSITION
+
+            feeds[CACHE_POSITION] = np.arange(held, total, dtype=np.int64)
+        else:
+            feeds[bundle.ATTENTION_MASK] = np.ones((1, total), np.int64)
         out = self.sess.run(self.out_names, feeds)
-        return out[0][0], out[1:]
+        return out[0][0], (total, out[1:])
 
 
 def prompt_embeds(case: PromptCase, table: np.ndarray, image_pad_id: int, image: np.ndarray) -> np.ndarray:

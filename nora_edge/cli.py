@@ -118,6 +118,13 @@ def export_cmd(
             help="per-dimension unnormalize mask, e.g. 1,1,1,1,1,1,0 (0: dimension left as produced)"
         ),
     ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="onnxruntime | tensorrt (fp32: standard ONNX ops only, static KV cache, checked against "
+            "TensorRT's operator tables)"
+        ),
+    ] = "onnxruntime",
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -145,6 +152,7 @@ def export_cmd(
             norm_mode=norm_mode,
             gripper=tuple(gripper or ()),
             mask=_mask(mask),
+            target=target,
         )
     except NoraEdgeError as e:
         _fail(e)
@@ -247,6 +255,7 @@ def run_json(actions, policy) -> dict:
         "flagged": out.flagged,
         "mode": out.mode,
         "providers": t["providers"],
+        "codec_backend": t["codec_backend"],
     }
 
 
@@ -263,13 +272,16 @@ def run(
             help="print a chunk holding tokens the model did not choose (flagged) instead of failing"
         ),
     ] = False,
+    kernels: Annotated[
+        str, typer.Option(help="FAST codec backend: auto (libnora_fast when built, else numpy), c, numpy")
+    ] = "auto",
 ) -> None:
     """Predict one action chunk (T, D) with the runtime."""
     from nora_edge.image_io import load_image
     from nora_edge.policy import NoraPolicy
 
     try:
-        policy = NoraPolicy.load(bundle, forced_tokens="flag" if allow_forced else "raise")
+        policy = NoraPolicy.load(bundle, forced_tokens="flag" if allow_forced else "raise", kernels=kernels)
         actions = policy.predict_action_chunk(load_image(image), instruction, unnorm_key=unnorm_key)
     except NoraEdgeError as e:
         _fail(e)
@@ -284,6 +296,56 @@ def run(
                 fg=typer.colors.YELLOW,
                 err=True,
             )
+
+
+@app.command("check-trt")
+def check_trt(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory or one .onnx file")],
+    trt: Annotated[
+        str, typer.Option("--trt", help="TensorRT version: 10.3 (JetPack 6.1/6.2), 10.15 or latest")
+    ] = "10.3",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List every node, tensor and dtype TensorRT's ONNX parser documents as unsupported (exit 1 if any)."""
+    from nora_edge.export.trt_support import check_bundle, check_graph
+
+    try:
+        reports = (
+            {bundle.name: check_graph(bundle, trt)} if bundle.suffix == ".onnx" else check_bundle(bundle, trt)
+        )
+    except NoraEdgeError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+    else:
+        typer.echo("\n".join(r.format() for r in reports.values()))
+    if not all(r.ok for r in reports.values()):
+        raise typer.Exit(1)
+
+
+@app.command("build-engine")
+def build_engine(
+    bundle: Annotated[Path, typer.Argument(help="bundle exported with --target tensorrt")],
+    profile: Annotated[Path, typer.Option(help="device profile, e.g. profiles/orin-agx-64gb.toml")],
+    print_trtexec: Annotated[
+        bool, typer.Option("--print-trtexec", help="print the trtexec commands to run on the device")
+    ] = False,
+    workspace_mib: Annotated[int, typer.Option(help="TensorRT builder workspace (MiB)")] = 1024,
+) -> None:
+    """TensorRT engines for a --target tensorrt bundle (the API build is not implemented: use --print-trtexec)."""
+    from nora_edge.bundle import Bundle
+    from nora_edge.export.trt_engine import build_engines, trtexec_commands
+    from nora_edge.profiles import load_profile_file
+
+    try:
+        device = load_profile_file(profile).name
+        b = Bundle.load(bundle, verify=False)
+        if print_trtexec:
+            typer.echo("\n".join(trtexec_commands(b, device, workspace_mib)))
+            return
+        build_engines(b, device)
+    except NoraEdgeError as e:
+        _fail(e)
 
 
 @app.command()

@@ -74,7 +74,8 @@ def test_prefill_and_decode_logits_match_hf(tiny_model, tiny_processor, decoder_
     with torch.inference_mode():
         ref2 = tiny_model(**longer).logits[0, -1].numpy()
     assert rel_err(step, ref2) <= 1e-5
-    assert present[0].shape[2] == embeds.shape[1] + 1
+    held, kv = present
+    assert held == kv[0].shape[2] == embeds.shape[1] + 1
 
 
 def test_action_head_equals_full_vocab_rows(
@@ -142,7 +143,7 @@ def test_left_padded_batch_matches_single_sequences(tiny_model, decoder_full_onn
         pos[:, b, total - len(s) :] = np.arange(len(s))
         mask[b, total - len(s) :] = 1
     feeds = {bundle.INPUTS_EMBEDS: embeds, bundle.POSITION_IDS: pos, bundle.ATTENTION_MASK: mask}
-    zeros = dec.empty_past()
+    _, zeros = dec.empty_past()
     feeds.update({n: np.repeat(z, 2, axis=0) for n, z in zip(dec.kv_names, zeros, strict=True)})
     out = dec.sess.run(dec.out_names, feeds)
     nxt = [5, 6]
