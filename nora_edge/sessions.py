@@ -1,16 +1,17 @@
 """ONNX Runtime sessions for the bundle's graphs: provider choice, threads, IO binding.
 
 Data flow: bundle component (file + manifest I/O spec + precision) + providers request ("auto", a name or a
-list) -> :func:`resolve_providers` ("auto": TensorRT EP only for a component built for it, i.e. whose manifest
-meta carries a ``tensorrt`` section, with an engine cache and fp16/int8 flags -> CUDA EP -> CPU EP, keeping only
-what this onnxruntime build offers) -> ``InferenceSession`` checked against
-the manifest's input/output names -> :class:`GraphSession.run`: feeds (numpy or OrtValue) bound with IO
+list) + the bundle's ``tensorrt`` section -> :func:`resolve_providers` ("auto": TensorRT EP only for a component
+built for it, with an engine cache, precision flags and the manifest's optimization profile -> CUDA EP -> CPU EP,
+keeping only what this onnxruntime build offers) -> ``InferenceSession`` checked against the manifest's
+input/output names -> :class:`GraphSession.run`: feeds (numpy or OrtValue) bound with IO
 binding, outputs bound on the session's device; outputs named in ``keep`` stay OrtValues (the KV cache never
 round-trips through numpy, and on a GPU never leaves it), the rest come back as numpy.
 
-TensorRT flags: ``trt_fp16_enable`` when the component precision names fp16 (or "mixed"), ``trt_int8_enable``
-when it is a QDQ int8 graph (``int8-qdq``; dynamic int8 is a CPU recipe); a component's ``meta["tensorrt"]`` dict overrides any ``trt_*`` option explicitly.
-The engine cache lives outside the bundle (a verified bundle may not hold unlisted files).
+TensorRT EP options (:func:`tensorrt_options`): engine + timing cache outside the bundle (a verified bundle may not
+hold unlisted files), precision flags and optimization-profile shapes from :mod:`nora_edge.trt_profiles`; a
+component is built for TensorRT when its meta has a ``tensorrt`` section or the bundle's ``tensorrt.profiles``
+lists it.
 
 Threads: each session gets ``threads`` intra-op threads with spinning OFF by default (a robot computer runs
 control loops beside the policy; an idle spinning pool burns a core). ``shared_pool=True`` puts every session on
@@ -30,6 +31,7 @@ import onnxruntime as ort
 
 from nora_edge.bundle import ComponentSpec
 from nora_edge.errors import BundleError, InputError
+from nora_edge.trt_profiles import component_profile, ep_overrides, profile_options, trt_precision
 
 TRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -51,37 +53,38 @@ def default_cache_dir() -> Path:
     return Path(root) / "trt"
 
 
-def tensorrt_options(precision: str, meta: Mapping, cache_dir: Path) -> dict:
+def tensorrt_options(precision: str, meta: Mapping, cache_dir: Path, profile: Mapping | None = None) -> dict:
     """TensorRT EP options for one component.
 
     Args:
         precision: the component's precision/recipe name from the manifest.
         meta: the component's manifest ``meta``; ``meta["tensorrt"]`` (dict) overrides options.
         cache_dir: engine + timing cache folder.
+        profile: the component's optimization profile (manifest ``tensorrt.profiles.<component>``, checked by
+            :func:`nora_edge.trt_profiles.check_profile`); its shapes become
+            ``trt_profile_{min,opt,max}_shapes``.
 
     Returns:
         option name -> value (strings, as the EP expects).
     """
-    p = precision.lower()
+    flags = trt_precision(precision, meta)
     opts = {
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache_dir),
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(cache_dir),
-        "trt_fp16_enable": str("fp16" in p or "mixed" in p),
-        # explicit (QDQ) int8 only: dynamic int8 (MatMulInteger) and weight-only int4 are CPU/CUDA recipes
-        "trt_int8_enable": str("qdq" in p),
+        "trt_fp16_enable": str(flags.fp16),
+        "trt_int8_enable": str(flags.int8),
+        **profile_options(profile),
     }
-    extra = meta.get("tensorrt", {}) if isinstance(meta, Mapping) else {}
-    if not isinstance(extra, Mapping):
-        raise BundleError(f"component meta 'tensorrt' must be an object, got {type(extra).__name__}")
-    opts.update({str(k): str(v) for k, v in extra.items()})
+    opts.update({str(k): str(v) for k, v in ep_overrides(meta).items()})
     return opts
 
 
-def built_for_tensorrt(meta: Mapping | None) -> bool:
-    """A component is built for TensorRT when its manifest meta carries a ``tensorrt`` section."""
-    return isinstance(meta, Mapping) and isinstance(meta.get("tensorrt"), Mapping)
+def built_for_tensorrt(meta: Mapping | None, profile: Mapping | None = None) -> bool:
+    """A component is built for TensorRT when its manifest meta carries a ``tensorrt`` section or the bundle's
+    ``tensorrt.profiles`` lists it (``profile`` not None; ``{}`` = every input static)."""
+    return profile is not None or (isinstance(meta, Mapping) and isinstance(meta.get("tensorrt"), Mapping))
 
 
 def resolve_providers(
@@ -91,6 +94,7 @@ def resolve_providers(
     meta: Mapping | None = None,
     cache_dir: Path | None = None,
     available: Sequence[str] | None = None,
+    profile: Mapping | None = None,
 ) -> list[tuple[str, dict]]:
     """Pick execution providers with their options.
 
@@ -102,6 +106,9 @@ def resolve_providers(
         meta: component meta (``tensorrt`` overrides).
         cache_dir: TensorRT engine cache; default :func:`default_cache_dir`.
         available: providers of this onnxruntime build (default ``ort.get_available_providers()``).
+        profile: the component's TensorRT optimization profile from the bundle manifest
+            (:func:`~nora_edge.trt_profiles.component_profile`; None: the bundle has none for it). A profile (even
+            ``{}``) marks the component built for TensorRT.
 
     Returns:
         [(provider name, options)], CPU last as the fallback ORT itself needs for unsupported nodes.
@@ -112,7 +119,7 @@ def resolve_providers(
     avail = list(available if available is not None else ort.get_available_providers())
     short = {"tensorrt": TRT_EP, "trt": TRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
     if isinstance(providers, str) and providers == "auto":
-        wanted = [p for p in AUTO_ORDER if p in avail and (p != TRT_EP or built_for_tensorrt(meta))]
+        wanted = [p for p in AUTO_ORDER if p in avail and (p != TRT_EP or built_for_tensorrt(meta, profile))]
     else:
         names = [providers] if isinstance(providers, str) else list(providers)
         if not names:
@@ -134,7 +141,7 @@ def resolve_providers(
         if p == TRT_EP:
             cdir = cache_dir or default_cache_dir()
             cdir.mkdir(parents=True, exist_ok=True)
-            out.append((p, tensorrt_options(precision, meta or {}, cdir)))
+            out.append((p, tensorrt_options(precision, meta or {}, cdir, profile)))
         else:
             out.append((p, {}))
     return out
@@ -199,11 +206,15 @@ class GraphSession:
         session: the ``ort.InferenceSession``.
         device: "cuda" when a GPU provider runs it, else "cpu" (where bound outputs live).
         providers: the providers the session actually uses.
+        requested: the (provider, options) list handed to onnxruntime (:func:`resolve_providers`).
     """
 
-    def __init__(self, name: str, session: ort.InferenceSession) -> None:
+    def __init__(
+        self, name: str, session: ort.InferenceSession, requested: Sequence[tuple[str, dict]] = ()
+    ) -> None:
         self.name = name
         self.session = session
+        self.requested = list(requested)
         self.providers = session.get_providers()
         self.device = "cuda" if any(p in _GPU_EPS for p in self.providers) else "cpu"
         self.input_names = [i.name for i in session.get_inputs()]
@@ -268,18 +279,27 @@ def open_session(
     cache_dir: Path | None = None,
     spinning: bool = False,
     shared_pool: bool = False,
+    tensorrt: Mapping | None = None,
 ) -> GraphSession:
     """Create and check the session of one bundle component (threading: see :func:`session_options`).
 
+    Args:
+        tensorrt: the bundle manifest's ``tensorrt`` section (``--target tensorrt`` bundles): the component's
+            optimization profile there configures the TensorRT EP
+            (:func:`~nora_edge.trt_profiles.component_profile`).
+
     Raises:
-        BundleError: the graph does not load or its I/O disagrees with the manifest.
+        BundleError: the graph does not load, its I/O disagrees with the manifest, or a malformed profile.
         InputError: a bad providers/threads request.
     """
-    chosen = resolve_providers(providers, precision=spec.precision, meta=spec.meta, cache_dir=cache_dir)
+    chosen = resolve_providers(
+        providers, precision=spec.precision, meta=spec.meta, cache_dir=cache_dir,
+        profile=component_profile(tensorrt, name, spec),
+    )  # fmt: skip
     try:
         opts = session_options(threads, spinning=spinning, shared_pool=shared_pool)
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except _ORT_LOAD_ERRORS as e:
         raise BundleError(f"{path}: onnxruntime cannot load the graph ({e})") from e
     check_io(sess, spec, path)
-    return GraphSession(name, sess)
+    return GraphSession(name, sess, chosen)
