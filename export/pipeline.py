@@ -31,6 +31,10 @@ from nora_edge.errors import ExportError
 from nora_edge.export.bundle_writer import BundleWriter
 
 TARGETS = ("onnxruntime", "tensorrt")
+DECODER_GRAPHS = (
+    "portable",
+    "fused",
+)  # onnxruntime target: traced standard ops | builder-fused (decoder_fused.py)
 TRT_MAX_INSTRUCTION_TOKENS = 128  # a robot instruction; the static KV cache is sized for it
 TRT_CHECK_VERSIONS = ("10.3", "latest")  # JetPack 6's TensorRT and the newest documented
 STAGES = ("load", "reference", "embeddings", "vision", "decoder", "recipes", "codec", "validate", "manifest")
@@ -139,6 +143,7 @@ def export_bundle(
     gripper: Sequence[str] = (),
     mask: Sequence[bool] | None = None,
     target: str = "onnxruntime",
+    decoder_graph: str = "portable",
 ) -> Path:
     """Export a NORA checkpoint to a bundle directory.
 
@@ -179,10 +184,13 @@ def export_bundle(
             or "mean_std"); None keeps NORA's q01/q99 by the caller's unnorm key.
         gripper: gripper steps appended to the chain in order, ``"OP[:DIM]"`` (rescale, binarize, invert).
         mask: (D,) per-dimension unnormalize mask: False leaves that dimension as the model produced it.
-        target: "onnxruntime" (default: the decoder's KV grows every step) or "tensorrt" (fp32 so far: only
-            standard ONNX ops, a static KV cache of ``max_len`` slots written at ``cache_position``
+        target: "onnxruntime" (default) or "tensorrt" (precisions fp32, fp16, int8-qdq, int4-qdq, others refused
+            by quantize.trt_quant; only standard ONNX ops, a static KV cache of ``max_len`` slots written at ``cache_position``
             (decoder_static.py), both graphs checked against TensorRT's operator tables (trt_support.py), the
             instruction limited to :data:`TRT_MAX_INSTRUCTION_TOKENS` tokens).
+        decoder_graph: onnxruntime target: "portable" (the traced graph, standard ops, KV grown by concatenation)
+            or "fused" (onnxruntime-genai's builder graph adapted to the bundle: GroupQueryAttention over fixed
+            KV buffers updated in place, MRotaryEmbedding, fused RMSNorm; decoder_fused.py).
 
     Returns:
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
@@ -191,15 +199,21 @@ def export_bundle(
     check_options(precision, image_size, head, embeddings_dtype, validation_prompts)
     if target not in TARGETS:
         raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
+    if decoder_graph not in DECODER_GRAPHS:
+        raise ExportError(f"decoder_graph must be one of {DECODER_GRAPHS}, got {decoder_graph!r}")
+    if decoder_graph == "fused" and target != "onnxruntime":
+        raise ExportError(
+            f"decoder_graph 'fused' uses onnxruntime's contrib ops (com.microsoft): target 'onnxruntime' only, "
+            f"got target {target!r}"
+        )
     if target == "tensorrt" and not specialise_224:
         raise ExportError(
             "target 'tensorrt' needs the specialised vision graph (static input shape): specialise_224=True"
         )
     if target == "tensorrt" and precision != "fp32":
-        raise ExportError(
-            f"target 'tensorrt' exports fp32 only so far (QDQ int8, blocked-DQ int4 and fp16 TensorRT flavors "
-            f"are not built yet); got precision {precision!r}"
-        )
+        from nora_edge.export.quantize import check_tensorrt_recipe
+
+        check_tensorrt_recipe(precision)  # ExportError naming the recipe and the TensorRT-ready ones
     if weights is not None:
         from nora_edge.export.weights_overlay import overlaid_checkpoint
 
@@ -234,6 +248,8 @@ def export_bundle(
                 norm_mode=norm_mode,
                 gripper=tuple(gripper),
                 mask=mask,
+                decoder_graph=decoder_graph,
+                target=target,
             ),
         )
     ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
@@ -264,6 +280,7 @@ def export_bundle(
             validation_prompts,
             tuple(validation_instructions) if validation_instructions is not None else None,
             target,
+            decoder_graph,
         )
         sections = export_graphs(ckpt, staging, opts, done)
         if _overlay is not None:  # the base directory is the source; the overlaid copy was temporary
@@ -281,6 +298,7 @@ def export_bundle(
             "specialised_vision": specialise_224,
             "head": head,
             "target": target,
+            "decoder_graph": decoder_graph,
         }
         path = writer.commit(sections)
         done("manifest")
@@ -299,6 +317,7 @@ class ExportOptions:
     validation_prompts: int
     validation_instructions: tuple[str, ...] | None
     target: str = "onnxruntime"
+    decoder_graph: str = "portable"
 
 
 def export_graphs(
@@ -356,6 +375,19 @@ def export_graphs(
     done("vision")
     if opts.target == "tensorrt":
         dspec = export_static_decoder(model, staging, sections, rows, ckpt, grid, head)
+    elif opts.decoder_graph == "fused":
+        from nora_edge.export.decoder_fused import export_decoder_fused
+
+        text = model.config.text_config
+        dims = {
+            "num_layers": text.num_hidden_layers,
+            "num_kv_heads": text.num_key_value_heads,
+            "head_dim": text.hidden_size // text.num_attention_heads,
+            "hidden_size": text.hidden_size,
+        }
+        model = None  # freed before the builder (a subprocess) loads its own copy of the checkpoint
+        gc.collect()
+        dspec = export_decoder_fused(ckpt.path, staging / bundle.DECODER_ONNX, rows, dims, head=head)
     else:
         dspec = export_decoder(model, staging / bundle.DECODER_ONNX, rows, head=head, free_source=True)
     del model
@@ -411,7 +443,9 @@ def export_quantized(
     """fp32 export (validated) into a temporary sibling of ``out``, then the recipe into ``out``.
 
     The quantizer needs a runnable fp32 bundle to record calibration feeds and to measure fidelity, so the
-    fp32 bundle is a real (temporary) bundle; it is removed whatever happens.
+    fp32 bundle is a real (temporary) bundle; it is removed whatever happens. With ``fp32_options["target"]``
+    "tensorrt" it has the static-KV decoder and the ``tensorrt`` manifest section, which ``quantize_bundle``
+    keeps after checking the quantized graphs against the same TensorRT tables.
     """
     import shutil
     import tempfile

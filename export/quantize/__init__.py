@@ -8,7 +8,9 @@ embedding table goes through :func:`quantize_embedding_table`. Calibration feeds
 Modules: ``recipes`` (dataclasses + registry), ``graph`` (load/save, Gemm->MatMul, MatMulNBits guard),
 ``stream`` (int8 dynamic and n-bit RTN, one weight in memory at a time: every built-in CPU recipe),
 ``fp16`` (FP32 islands), ``int8`` (dynamic with Conv/Gather, QDQ), ``weight_only`` (MatMulNBits via
-onnxruntime's quantizer: hqq), ``embeddings``, ``apply`` (one graph: picks streaming or in-memory),
+onnxruntime's quantizer: hqq), ``int4_qdq`` (INT4 weight-only as blocked DequantizeLinear, opset 21: TensorRT),
+``trt_quant`` (``--target tensorrt`` recipes: operator-table check of the quantized graphs, build hints),
+``embeddings``, ``apply`` (one graph: picks streaming or in-memory),
 ``calibration`` (samples -> feeds), ``thresholds`` (per-recipe fidelity thresholds and the gate that checks
 a fidelity report against them), ``bundle_quant`` (fp32 bundle -> quantized bundle with its gated fidelity
 report: the entry point for ``export_bundle(precision=...)``).
@@ -29,6 +31,7 @@ from .recipes import (
     EmbeddingRecipe,
     Fp16Recipe,
     Fp32Recipe,
+    Int4QdqRecipe,
     Int8DynamicRecipe,
     Int8QdqRecipe,
     WeightOnlyRecipe,
@@ -36,6 +39,7 @@ from .recipes import (
     list_recipes,
 )
 from .thresholds import GATE_METRICS, FidelityGateError, FidelityThresholds, MetricCheck, check_fidelity
+from .trt_quant import check_tensorrt_recipe, tensorrt_recipes
 
 __all__ = [
     "COMPONENTS",
@@ -50,6 +54,7 @@ __all__ = [
     "EmbeddingTable",
     "Fp16Recipe",
     "Fp32Recipe",
+    "Int4QdqRecipe",
     "Int8DynamicRecipe",
     "Int8QdqRecipe",
     "QuantResult",
@@ -57,6 +62,7 @@ __all__ = [
     "apply_recipe",
     "check_nbits_accuracy",
     "check_parity",
+    "check_tensorrt_recipe",
     "find_head_nodes",
     "get_recipe",
     "list_recipes",
@@ -67,4 +73,5 @@ __all__ = [
     "record_feeds",
     "rewrite_gemm_to_matmul",
     "synthetic_samples",
+    "tensorrt_recipes",
 ]

@@ -6,7 +6,7 @@ recipe asks, find the decoder's head nodes -> either
 - streaming (fp32, int8 dynamic, int4/int8 RTN: every built-in CPU recipe): the graph without weights and a
   per-node plan (head nodes -> head recipe, the rest -> body recipe) -> :func:`stream_quantize`, one weight
   in memory at a time, or
-- in memory (fp16, int8-qdq, hqq): the whole model -> onnxruntime's quantizers, in passes in a temp dir
+- in memory (fp16, int8-qdq, hqq, int4-qdq): the whole model -> onnxruntime's quantizers, in passes in a temp dir
   beside the output (head nodes first with the head recipe, then the rest),
 
 -> ``onnx_path_out`` (atomic; external data when > 2 GB) -> onnxruntime loads it -> parity against the fp32
@@ -39,6 +39,7 @@ from .graph import (
     rewrite_gemm_to_matmul,
     save_model_atomic,
 )
+from .int4_qdq import quantize_int4_qdq
 from .int8 import quantize_int8_dynamic, quantize_int8_qdq
 from .recipes import (
     GRAPH_RECIPE_TYPES,
@@ -47,6 +48,7 @@ from .recipes import (
     Fp16Recipe,
     Fp32Recipe,
     GraphRecipe,
+    Int4QdqRecipe,
     Int8DynamicRecipe,
     Int8QdqRecipe,
     WeightOnlyRecipe,
@@ -127,7 +129,7 @@ def resolve_recipes(component: str, recipe) -> tuple[GraphRecipe, GraphRecipe, s
     if component not in GRAPH_COMPONENT_NAMES:
         raise InputError(f"apply_recipe: component {component!r} is not one of {list(GRAPH_COMPONENT_NAMES)}")
     if isinstance(recipe, GRAPH_RECIPE_TYPES):
-        label = recipe.label if isinstance(recipe, WeightOnlyRecipe) else recipe.kind
+        label = recipe.label if isinstance(recipe, WeightOnlyRecipe | Int4QdqRecipe) else recipe.kind
         return recipe, recipe, label
     if not isinstance(recipe, str | BundleRecipe):
         raise InputError(f"apply_recipe: recipe {recipe!r} is not a name, BundleRecipe or graph recipe")
@@ -298,7 +300,10 @@ def _run_pass(r: GraphRecipe, src: Path, dst: Path, feeds, *, include, exclude, 
         skip = set(exclude or ())
         if include is not None:
             skip |= {n.name for n in model.graph.node if n.name not in set(include)}
-        model = quantize_weight_only(model, r, nodes_to_exclude=sorted(skip), source=str(src.name))
+        if isinstance(r, Int4QdqRecipe):
+            model = quantize_int4_qdq(model, r, nodes_to_exclude=sorted(skip), source=str(src.name))
+        else:
+            model = quantize_weight_only(model, r, nodes_to_exclude=sorted(skip), source=str(src.name))
         save_model_atomic(model, dst)
     return []
 

@@ -9,6 +9,11 @@ recipe's :class:`FidelityThresholds` --> a failed metric raises :class:`Fidelity
 ``out``) unless ``accept_degraded`` --> final bundle = temp files moved + ``fidelity_report.json`` / ``.md``,
 manifest (``validation``: the quantized bundle's own numbers, thresholds, pass/fail, the fp32 source's name
 and manifest sha256) last, atomic rename to ``out``. The fp32 bundle is never modified.
+
+A ``--target tensorrt`` source (manifest ``tensorrt`` section, static-KV decoder) takes only recipes whose graphs
+are standard ONNX (``check_tensorrt_recipe``: fp16, int8-qdq, int4-qdq); its quantized graphs are checked against
+the TensorRT operator tables the source passed, before the fidelity runs (``trt_quant``), and the section is kept
+with the versions they passed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from .calibration import CalibrationSample, record_feeds, synthetic_samples
 from .embeddings import quantize_embedding_table
 from .recipes import BundleRecipe, get_recipe
 from .thresholds import VALIDATION_KIND, FidelityGateError, check_fidelity, gate_message, validation_section
+from .trt_quant import check_quantized_graphs, check_tensorrt_recipe
+from .trt_quant import tensorrt_section as trt_section
 
 _EMB_DTYPE = {"fp32": "float32", "fp16": "float16"}
 _MANAGED = ("schema_version", "nora_edge_version", "files")
@@ -113,6 +120,9 @@ def quantize_bundle(
     src_b = Bundle.load(src)
     r = get_recipe(recipe)
     check_source(src_b, r)
+    trt = src_b.manifest.get("tensorrt")
+    if trt is not None:  # a --target tensorrt source: only recipes writing standard ONNX ops
+        check_tensorrt_recipe(r)
     out = Path(out)
     check_target(out, overwrite=overwrite)
     samples = list(calibration) if calibration is not None else synthetic_samples(n_calibration, seed)
@@ -134,6 +144,8 @@ def quantize_bundle(
     tmp = out.parent / f".{out.name}.quant-{secrets.token_hex(4)}"
     try:
         sections = _write_quantized(src_b, tmp, r, feeds, len(samples), source)
+        if trt is not None:  # before the (slow) fidelity runs: every graph inside TensorRT's tables
+            sections["tensorrt"] = _check_tensorrt(tmp, sections, r, trt)
         report = None
         if held:
             from nora_edge.export.fidelity import REPORT_JSON, fidelity_report
@@ -207,6 +219,18 @@ def _write_quantized(
         sections["export"] = {**manifest.get("export", {}), "precision": r.name}
         w.commit(sections)
     return sections
+
+
+def _check_tensorrt(tmp: Path, sections: dict, r: BundleRecipe, trt: dict) -> dict:
+    """Every quantized graph against the TensorRT versions the fp32 source passed; the new ``tensorrt`` section.
+
+    Raises:
+        ExportError: a graph holds an op or dtype a checked version's table refuses (node named).
+    """
+    comps = sections["components"]
+    paths = {name: tmp / comps[name]["file"] for name in ("vision", "decoder")}
+    checks = check_quantized_graphs(paths, trt.get("checked_versions", []))
+    return trt_section(trt, r.name, checks)
 
 
 def _finalize(tmp: Path, out: Path, sections: dict, report: dict | None, overwrite: bool) -> Path:

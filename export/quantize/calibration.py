@@ -5,7 +5,8 @@ per line) or :func:`synthetic_samples` (seeded, structured frames: gradients, bo
 -> :class:`CalibrationSample` list -> :func:`record_feeds`: the fp32 bundle runs in :class:`NoraPolicy`
 with recording sessions -> per graph the exact input dicts it was run with: ``vision`` (pixel_values, plus
 index tensors for a dynamic graph) and ``decoder`` (the prompt prefill with the cached prefix KV, and decode
-steps with their growing KV), i.e. decoder inputs come from running the fp32 graphs.
+steps with their growing KV; for a static-KV decoder, whose K/V buffers are IO-bound and updated in place, the
+buffers' contents as each step reads them), i.e. decoder inputs come from running the fp32 graphs.
 """
 
 from __future__ import annotations
@@ -114,7 +115,14 @@ def _to_numpy(value) -> np.ndarray:
 
 
 class RecordingSession:
-    """Wraps a runtime GraphSession: every ``run`` stores a copy of its feeds (and chosen outputs)."""
+    """Wraps a runtime GraphSession: every ``run`` stores a copy of its feeds (and chosen outputs).
+
+    Runs that bypass ``run`` and drive the onnxruntime session through IO binding (the static-KV decoder,
+    ``nora_edge.static_kv.StaticDecoder.forward``, whose K/V buffers are bound as inputs and as outputs, i.e.
+    updated in place) are recorded too: ``session`` hands out :class:`_RecordingOrtSession`, which copies every
+    bound input just before the run (the buffers' contents as the graph reads them) and the chosen outputs
+    after it.
+    """
 
     def __init__(self, inner, record_outputs: Sequence[str] = ()) -> None:
         self.inner = inner
@@ -130,13 +138,74 @@ class RecordingSession:
         # anything else the runtime reads from a session (providers, ...) is the wrapped session's
         return getattr(self.__dict__["inner"], name)
 
+    @property
+    def session(self) -> _RecordingOrtSession:
+        """The wrapped onnxruntime session, recording IO-bound runs into this recorder."""
+        return _RecordingOrtSession(self.inner.session, self)
+
     def run(self, feeds, fetch=None, keep=frozenset()):
         out = self.inner.run(feeds, fetch, keep)
+        self._record(feeds, out)
+        return out
+
+    def _record(self, feeds: dict, out: dict) -> None:
         if self.record_feeds:
             self.feeds.append({k: _to_numpy(v) for k, v in feeds.items()})
         if self.record_outputs:
             self.outputs.append({k: _to_numpy(out[k]) for k in self.record_outputs if k in out})
-        return out
+
+
+class _RecordingBinding:
+    """An onnxruntime IOBinding that remembers what was bound (input values, output names in bind order)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.inputs: dict[str, object] = {}  # name -> numpy array or OrtValue, read at run time
+        self.output_names: list[str] = []
+
+    def bind_cpu_input(self, name: str, value) -> None:
+        self.inputs[name] = value
+        self.inner.bind_cpu_input(name, value)
+
+    def bind_ortvalue_input(self, name: str, value) -> None:
+        self.inputs[name] = value
+        self.inner.bind_ortvalue_input(name, value)
+
+    def bind_output(self, name: str, *args, **kwargs) -> None:
+        self.output_names.append(name)
+        self.inner.bind_output(name, *args, **kwargs)
+
+    def bind_ortvalue_output(self, name: str, value) -> None:
+        self.output_names.append(name)
+        self.inner.bind_ortvalue_output(name, value)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)  # get_outputs, clear_binding_*, ...
+
+
+class _RecordingOrtSession:
+    """An ``ort.InferenceSession`` stand-in whose ``io_binding`` runs land in a :class:`RecordingSession`."""
+
+    def __init__(self, inner, recorder: RecordingSession) -> None:
+        self.inner = inner
+        self.recorder = recorder
+
+    def io_binding(self) -> _RecordingBinding:
+        return _RecordingBinding(self.inner.io_binding())
+
+    def run_with_iobinding(self, binding, *args, **kwargs):
+        if not isinstance(binding, _RecordingBinding):
+            return self.inner.run_with_iobinding(binding, *args, **kwargs)
+        feeds = {k: _to_numpy(v) for k, v in binding.inputs.items()}  # before the run: in-place K/V
+        result = self.inner.run_with_iobinding(binding.inner, *args, **kwargs)
+        wanted = set(self.recorder.record_outputs)
+        values = binding.inner.get_outputs() if wanted else []
+        out = {n: v for n, v in zip(binding.output_names, values, strict=False) if n in wanted}
+        self.recorder._record(feeds, out)
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)  # get_inputs, get_providers, ...
 
 
 def attach_recorders(policy, record_outputs: Sequence[str] = ()) -> tuple[RecordingSession, RecordingSession]:

@@ -186,6 +186,36 @@ class WeightOnlyRecipe:
 
 
 @dataclass(frozen=True)
+class Int4QdqRecipe:
+    """INT4 weight-only in standard ONNX (TensorRT): blocked ``DequantizeLinear`` (opset 21) feeding a plain MatMul.
+
+    Each constant (K, N) MatMul weight becomes an INT4 initializer and (ceil(K / block_size), N) float scales, one
+    per ``block_size`` weights along K, dequantized by ``DequantizeLinear(axis=0, block_size)``; activations stay
+    float. Symmetric only: TensorRT's DequantizeLinear needs a zero (here: absent) zero point.
+
+    Attributes:
+        block_size: weights per scale along K: 16, 32, 64, 128 or 256.
+        rewrite_gemm: rewrite Gemm (constant B) to MatMul (+Add) first.
+    """
+
+    block_size: int = 128
+    rewrite_gemm: bool = True
+    kind: ClassVar[str] = "int4-qdq"
+
+    def __post_init__(self) -> None:
+        _check_choice("Int4QdqRecipe", "block_size", self.block_size, (16, 32, 64, 128, 256))
+        if not isinstance(self.rewrite_gemm, bool):
+            raise InputError(f"Int4QdqRecipe.rewrite_gemm = {self.rewrite_gemm!r}: must be a bool")
+
+    @property
+    def label(self) -> str:
+        return f"int4-qdq-b{self.block_size}"
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
 class EmbeddingRecipe:
     """Storage of the (vocab, hidden) embedding table: "fp32", "fp16" or "int8" (symmetric, one scale per row)."""
 
@@ -199,8 +229,17 @@ class EmbeddingRecipe:
         return {"kind": self.kind, "dtype": self.dtype}
 
 
-GraphRecipe = Fp32Recipe | Fp16Recipe | Int8DynamicRecipe | Int8QdqRecipe | WeightOnlyRecipe
-GRAPH_RECIPE_TYPES = (Fp32Recipe, Fp16Recipe, Int8DynamicRecipe, Int8QdqRecipe, WeightOnlyRecipe)
+GraphRecipe = Fp32Recipe | Fp16Recipe | Int8DynamicRecipe | Int8QdqRecipe | WeightOnlyRecipe | Int4QdqRecipe
+GRAPH_RECIPE_TYPES = (
+    Fp32Recipe,
+    Fp16Recipe,
+    Int8DynamicRecipe,
+    Int8QdqRecipe,
+    WeightOnlyRecipe,
+    Int4QdqRecipe,
+)
+# graph recipes whose output is standard ONNX that TensorRT parses (no com.microsoft op): `--target tensorrt`
+TENSORRT_GRAPH_RECIPES = (Fp32Recipe, Fp16Recipe, Int8QdqRecipe, Int4QdqRecipe)
 
 
 @dataclass(frozen=True)
@@ -269,9 +308,16 @@ class BundleRecipe:
             "fidelity": self.fidelity.describe(),
         }
 
+    @property
+    def tensorrt_ready(self) -> bool:
+        """True when every graph recipe writes standard ONNX ops TensorRT parses (``--target tensorrt``)."""
+        return all(
+            isinstance(self.for_component(c), TENSORRT_GRAPH_RECIPES) for c in (*GRAPH_COMPONENTS, HEAD)
+        )
+
 
 def _label(recipe: GraphRecipe) -> str:
-    return recipe.label if isinstance(recipe, WeightOnlyRecipe) else recipe.kind
+    return recipe.label if isinstance(recipe, WeightOnlyRecipe | Int4QdqRecipe) else recipe.kind
 
 
 # Default fidelity thresholds of the built-in recipes (vs the fp32 bundle, 8 synthetic held-out samples, CPU).
@@ -353,6 +399,16 @@ def _builtin() -> dict[str, BundleRecipe]:
             int8,
             hqq,
             hqq,
+            emb16,
+            INT4_FIDELITY,
+        ),
+        BundleRecipe(
+            "int4-qdq",
+            "weight-only int4 as blocked DequantizeLinear (opset 21, block 128, symmetric) feeding MatMul; "
+            "vision int8-qdq (TensorRT)",
+            qdq,
+            Int4QdqRecipe(block_size=128),
+            Int4QdqRecipe(block_size=128),
             emb16,
             INT4_FIDELITY,
         ),

@@ -6,6 +6,8 @@ tiny_bundle          export_bundle(tiny_ckpt) with defaults (action head, 224-sp
 vision_dynamic_onnx  (path, ComponentSpec) of the resolution-dynamic vision graph of tiny_model
 decoder_full_onnx    (path, ComponentSpec) of the full-vocab-head decoder of tiny_model
 decoder_action_onnx  (path, ComponentSpec, head_rows) of the action-head decoder of tiny_model
+trt_target_bundles   (validated ``--target tensorrt`` bundle, portable onnxruntime bundle without validation) of
+                     ``tiny_trained_ckpt_h5``: shared by the TensorRT target, engine and quantization tests
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ def tiny_model(tiny_model_and_processor):
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_model_and_processor):
     return tiny_model_and_processor[1]
+
+
+@pytest.fixture(scope="session")
+def trt_target_bundles(
+    tiny_trained_ckpt_h5: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    from nora_edge.export.pipeline import export_bundle
+    from nora_edge.export.synthetic_task import instruction_list
+
+    root = tmp_path_factory.mktemp("trt_target")
+    trt = export_bundle(
+        tiny_trained_ckpt_h5, root / "trt", target="tensorrt", progress=False,
+        validation_prompts=4, validation_instructions=instruction_list(),
+    )  # fmt: skip
+    ort = export_bundle(tiny_trained_ckpt_h5, root / "ort", validate=False, progress=False)
+    return trt, ort
 
 
 @pytest.fixture(scope="session")

@@ -761,3 +761,125 @@ def test_calibration_folder_and_synthetic_frames(tmp_path):
         load_calibration_dir(tmp_path / "nowhere")
     with pytest.raises(InputError, match="positive int"):
         synthetic_samples(0)
+
+
+# --- int4-qdq: INT4 weight-only as blocked DequantizeLinear (TensorRT) ------------------------------------
+def int4_dq_weights(model: onnx.ModelProto, dq: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """((K, N) float64 dequantized weight, (K, N) int4 values, (K/bs, N) scales) of a blocked DequantizeLinear, decoded from the INT4
+    initializer's bytes per the ONNX spec (two values per byte, low nibble first, two's complement; opset-21
+    DequantizeLinear: y = x * scale, scale repeated ``block_size`` times along ``axis`` 0)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    w, s = inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+    assert w.data_type == TensorProto.INT4 and attrs["axis"] == 0 and len(dq.input) == 2  # no zero point
+    k, n = w.dims
+    raw = np.frombuffer(w.raw_data, np.uint8)
+    nib = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1)[: k * n].astype(np.int64)
+    q = np.where(nib > 7, nib - 16, nib).reshape(k, n).astype(np.float64)
+    return q * np.repeat(s, attrs["block_size"], axis=0)[:k], q, s
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_int4_qdq_blocked_dequantize_within_half_step(tmp_path, rng, block):
+    from nora_edge.export.quantize import Int4QdqRecipe
+    from nora_edge.export.trt_support import check_graph
+
+    layers = mlp_layers(rng, d=128)  # K = 128 and 256: whole blocks
+    src = save(chain_graph(layers, 128), tmp_path / "m.onnx")
+    x = rng.standard_normal((6, 128)).astype(np.float32)
+    res = apply_recipe("decoder", src, tmp_path / "q.onnx", Int4QdqRecipe(block_size=block), [{"x": x}])
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert next(i.version for i in model.opset_import if i.domain == "") == 21 and model.ir_version >= 10
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
+    assert len(dqs) == len(int4) == 2 and set(res.nodes_quantized) == {"up_mm", "down_mm"}
+    assert {n.domain for n in model.graph.node} == {""} and "MatMulNBits" not in {
+        n.op_type for n in model.graph.node
+    }
+    assert res.precision == f"int4-qdq-b{block}"
+    deq = []
+    for ly, dq in zip([layers[0], layers[2]], dqs, strict=True):
+        wq, q, s = int4_dq_weights(model, dq)
+        w = ly.w.astype(np.float64)
+        absmax = np.abs(w.reshape(-1, block, w.shape[1])).max(1)  # (K/bs, N)
+        # onnxruntime's symmetric int4 (quantize_qdq_matmul_4bits): scale = (signed absmax) / -8, so the
+        # largest-magnitude weight is q = -8 exactly and the other end of [-absmax, absmax] clips at q = 7
+        assert np.allclose(np.abs(s), absmax / 8, rtol=1e-6)
+        step = np.repeat(np.abs(s), block, axis=0)
+        err = np.abs(wq - w)
+        inside = q != 7
+        assert (err[inside] <= step[inside] / 2 * (1 + 1e-5)).all()  # round to nearest: half a step
+        assert (err <= step * (1 + 1e-5)).all() and inside.mean() > 0.9  # clipped at +7: within a step
+        deq.append(wq)
+    # the graph's meaning (what TensorRT parses): float activations times the dequantized weights, i.e. the fp32
+    # chain on them; onnxruntime computes exactly that with its graph optimizations off
+    dq_layers = [
+        Layer(ly.kind, w, ly.b, ly.c, ly.name) for ly, w in zip(layers, [deq[0], None, deq[1]], strict=True)
+    ]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    assert_within(plain.run(None, {"x": x})[0], float_chain(dq_layers, x, ["fp32"] * 3), f"int4-qdq b{block}")
+    # default CPU session: onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations
+    # (session option session.qdq_matmulnbits_accuracy_level, default 4), the int4 recipe's computation
+    assert_within(run(tmp_path / "q.onnx", x), nbits_chain(layers, x, deq, block), f"int4-qdq b{block} fused")
+    latest = check_graph(tmp_path / "q.onnx", "latest")
+    assert latest.ok, latest.format()  # standard ops and INT4 DequantizeLinear inside TensorRT's table
+
+
+def test_int4_qdq_refuses_an_opset_upgrade_that_changes_meaning():
+    from nora_edge.export.quantize.int4_qdq import upgrade_opset
+
+    # GroupNormalization 18 -> 21 changes the scale/bias shape (onnx's adapter rewrites it): not a no-op
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], name="gn", num_groups=2)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "s"), numpy_helper.from_array(np.zeros(2, np.float32), "b")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(ExportError, match="node 'gn' \\(GroupNormalization\\)"):
+        upgrade_opset(model)
+    assert model.opset_import[0].version == 18  # left as it was
+    ok = chain_graph(mlp_layers(np.random.default_rng(0)), 64)
+    ok.opset_import[0].version = 18
+    assert upgrade_opset(ok) == [] and ok.opset_import[0].version == 21  # MatMul/Add/Relu: same schemas
+
+
+def test_tensorrt_recipes_are_exactly_the_standard_onnx_ones():
+    from nora_edge.export.quantize import check_tensorrt_recipe, tensorrt_recipes
+
+    assert tensorrt_recipes() == ["fp16", "int8-qdq", "int4-qdq"]
+    refused = 0
+    for r in list_recipes():
+        if r.name in ("fp32", *tensorrt_recipes()):
+            assert check_tensorrt_recipe(r.name) is r
+            continue
+        with pytest.raises(ExportError, match=f"recipe '{r.name}' cannot target TensorRT.*int4-qdq"):
+            check_tensorrt_recipe(r.name)
+        refused += 1
+    assert refused == 4  # int8, int4, int4-hqq, mixed
+
+
+def test_tensorrt_check_of_quantized_graphs_names_the_node(tmp_path, rng):
+    """A quantized graph with a com.microsoft node is refused naming it; an opset-21 int4-qdq graph is recorded as
+    not passed (documented opset range 9..20) for 10.3 and checked for latest, never silently passed."""
+    from nora_edge.export.quantize import Int4QdqRecipe
+    from nora_edge.export.quantize.trt_quant import check_quantized_graphs
+
+    layers = mlp_layers(rng, d=128)
+    src = save(chain_graph(layers, 128), tmp_path / "m.onnx")
+    apply_recipe("decoder", src, tmp_path / "q4.onnx", Int4QdqRecipe(block_size=128))
+    got = check_quantized_graphs({"decoder": tmp_path / "q4.onnx"}, ("10.3", "latest"))
+    assert got["checked_versions"] == ["latest"] and list(got["not_passed"]) == ["10.3"]
+    apply_recipe("decoder", src, tmp_path / "nbits.onnx", WeightOnlyRecipe(block_size=32))  # MatMulNBits
+    with pytest.raises(ExportError, match="node 'up_mm_Q4' \\(com.microsoft::MatMulNBits\\)"):
+        check_quantized_graphs({"decoder": tmp_path / "nbits.onnx"}, ("latest",))
+    model = onnx.load(str(tmp_path / "q4.onnx"))  # opset 21 plus a refused op: the opset case excuses nothing
+    model.graph.node.append(helper.make_node("Gelu", ["y"], ["z"], name="planted", domain="com.microsoft"))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ExportError, match="node 'planted'"):
+        check_quantized_graphs({"decoder": tmp_path / "bad.onnx"}, ("10.3", "latest"))

@@ -31,15 +31,9 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture(scope="module")
-def trt_bundle(tiny_trained_ckpt_h5: Path, tmp_path_factory) -> Path:
-    """A `--target tensorrt` bundle of the session's trained tiny checkpoint (the one test_trt_target.py
-    exports; validation is that module's subject, skipped here)."""
-    from nora_edge.export.pipeline import export_bundle
-
-    root = tmp_path_factory.mktemp("trt_engine")
-    return export_bundle(
-        tiny_trained_ckpt_h5, root / "trt", target="tensorrt", validate=False, progress=False
-    )
+def trt_bundle(trt_target_bundles) -> Path:
+    """The session's `--target tensorrt` bundle of the trained tiny checkpoint (tests that change it copy it)."""
+    return trt_target_bundles[0]
 
 
 def manifest_profiles(bundle: Path) -> dict:

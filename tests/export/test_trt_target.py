@@ -21,17 +21,8 @@ PROFILE = str(Path(__file__).resolve().parents[2] / "profiles" / "orin-agx-64gb.
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_trained_ckpt_h5: Path, tmp_path_factory) -> tuple[Path, Path]:
-    from nora_edge.export.pipeline import export_bundle
-    from nora_edge.export.synthetic_task import instruction_list
-
-    root = tmp_path_factory.mktemp("trt_target")
-    trt = export_bundle(
-        tiny_trained_ckpt_h5, root / "trt", target="tensorrt", progress=False,
-        validation_prompts=4, validation_instructions=instruction_list(),
-    )  # fmt: skip
-    ort = export_bundle(tiny_trained_ckpt_h5, root / "ort", validate=False, progress=False)
-    return trt, ort
+def bundles(trt_target_bundles) -> tuple[Path, Path]:
+    return trt_target_bundles
 
 
 def test_manifest_and_validation(bundles):
@@ -82,7 +73,7 @@ def test_graphs_pass_the_tensorrt_checker(bundles):
 def test_quantized_tensorrt_target_is_refused(tiny_trained_ckpt_h5: Path, tmp_path):
     from nora_edge.export.pipeline import export_bundle
 
-    with pytest.raises(ExportError, match="fp32 only so far"):
+    with pytest.raises(ExportError, match="recipe 'int8' cannot target TensorRT"):
         export_bundle(
             tiny_trained_ckpt_h5, tmp_path / "x", target="tensorrt", precision="int8", progress=False
         )
