@@ -19,8 +19,9 @@ BUNDLE_STAGES = ("vision", "prefill", "decode_step")
 
 
 def decoder_dims(spec: B.ComponentSpec, seq: int, past: int) -> dict[str, int]:
-    """Values of the decoder's named dims (``batch``, ``seq``, ``past``, ``total``) for one call."""
-    values = {"batch": 1, "seq": seq, "past": past, "total": past + seq}
+    """Values of the decoder's named dims (``batch``, ``seq``, ``past``, ``total``; ``slots``: a fused graph's KV
+    buffers, costed at the ``total`` rows GroupQueryAttention reads and writes) for one call."""
+    values = {"batch": 1, "seq": seq, "past": past, "total": past + seq, "slots": past + seq}
     named = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
     unknown = named - set(values)
     if unknown:

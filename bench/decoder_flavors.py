@@ -1,6 +1,8 @@
 """Benchmark (not a test): one decode step of decoder-graph flavors side by side, plus their node counts.
 
-Data flow: decoder graphs of one fixture (bench/decoder_flavors_build.py: ours fp32 / int4; onnxruntime-genai
+Data flow: decoder graphs of one fixture (bench/decoder_flavors_build.py: ours fp32 / int4 (the portable
+graph); fused fp32 / int4 (``export --decoder-graph fused``, the product's onnxruntime flavor, also run with its
+KV in place as the runtime runs it: "-sharebuf"); onnxruntime-genai
 builder int4 (its default blocks, our blocks, and our blocks with the lm_head cut to our action-head rows: the
 builder adapted to our bundle) and fp32; ours + onnxruntime.transformers fusion) -> :func:`node_counts` (nodes and op types of the file, and of the model
 onnxruntime writes after ``ORT_ENABLE_ALL`` through ``SessionOptions.optimized_model_filepath``) -> per thread
@@ -229,6 +231,10 @@ def equality_checks(
             full, sliced = outputs(f["head_of"]), outputs(name)
             full["logits"] = full["logits"][..., rows]
             checks[f"{name} vs {f['head_of']} (our head rows)"] = max_abs_diff(full, sliced)
+    fused = outputs("fused-fp32-sharebuf")["logits"]
+    checks["fused-fp32-sharebuf vs ours-fp32"] = max_abs_diff(
+        {"logits": outputs("ours-fp32")["logits"]}, {"logits": fused}
+    )
     if "builder-fp32" in flavors:
         theirs = outputs("builder-fp32")
         theirs["logits"] = theirs["logits"].reshape(1, -1)[:, rows]
@@ -250,6 +256,11 @@ def collect_flavors(
     flavors = {
         "ours-fp32": {"path": paths["fp32"], "share_buffer": False},
         "ours-int4": {"path": paths["int4"], "share_buffer": False},
+        # the product's fused flavor (export --decoder-graph fused), run as the runtime runs it: KV in place
+        "fused-fp32": {"path": paths["fused-fp32"], "share_buffer": False},
+        "fused-fp32-sharebuf": {"path": paths["fused-fp32"], "share_buffer": True},
+        "fused-int4": {"path": paths["fused-int4"], "share_buffer": False},
+        "fused-int4-sharebuf": {"path": paths["fused-int4"], "share_buffer": True},
     }
     notes: dict = {
         "head_rows_bundle": str(paths["fp32"].parent),

@@ -145,7 +145,8 @@ def ensure_ours(out: Path, fixture: str = "medium") -> dict[str, Path]:
     "medium" reuses ``<out>/../kernels-bench/medium-{ckpt,bundle}`` when present (same preset, seed, horizon).
 
     Returns:
-        {"dir": out/<fixture>, "ckpt": dir, "fp32": decoder.onnx, "int4": decoder.onnx}.
+        {"dir": out/<fixture>, "ckpt": dir, "fp32" / "int4" / "fused-fp32" / "fused-int4": decoder.onnx}
+        (the portable export and the fused one, ``--decoder-graph fused``, each quantized by our int4 recipe).
 
     Raises:
         InputError: unknown fixture.
@@ -172,24 +173,21 @@ def ensure_ours(out: Path, fixture: str = "medium") -> dict[str, Path]:
             [_cli(), "export", str(paths["ckpt"]), "--out", str(paths["bundle"]), "--no-validate"],
             logs / "export.log",
         )
-    int4 = root / "int4"
-    if not (int4 / "manifest.json").exists():
-        cmd = [
-            _cli(),
-            "quantize",
-            str(paths["bundle"]),
-            "--out",
-            str(int4),
-            "--recipe",
-            "int4",
-            "--accept-degraded",
-        ]
-        _run(cmd, logs / "quantize-int4.log")
+    fused = root / "fused-bundle"  # the product's fused onnxruntime flavor (export --decoder-graph fused)
+    if not (fused / "manifest.json").exists():
+        cmd = [_cli(), "export", str(paths["ckpt"]), "--out", str(fused), "--no-validate"]
+        _run([*cmd, "--decoder-graph", "fused"], logs / "export-fused.log")
+    for src, int4 in ((paths["bundle"], root / "int4"), (fused, root / "fused-int4")):
+        if not (int4 / "manifest.json").exists():
+            cmd = [_cli(), "quantize", str(src), "--out", str(int4), "--recipe", "int4", "--accept-degraded"]
+            _run(cmd, logs / f"quantize-{int4.name}.log")
     return {
         "dir": root,
         "ckpt": paths["ckpt"],
         "fp32": paths["bundle"] / "decoder.onnx",
-        "int4": int4 / "decoder.onnx",
+        "int4": root / "int4" / "decoder.onnx",
+        "fused-fp32": fused / "decoder.onnx",
+        "fused-int4": root / "fused-int4" / "decoder.onnx",
     }
 
 
@@ -385,13 +383,13 @@ def markdown(result: dict) -> str:
     pairs = [
         (a, b)
         for a in names
-        if a.startswith("ours")
+        if a.startswith(("ours", "fused"))
         for b in names
         if b.startswith("builder") and _precision(a) == _precision(b)
     ]
     lines += [
         "",
-        "Ratios of medians (ours / builder):",
+        "Ratios of medians (ours or fused / builder):",
         "",
         "| pair | " + " | ".join(f"{t} thr" for t in result["timing"]) + " |",
     ]

@@ -2,11 +2,11 @@
 
 Data flow: an ONNX file (loaded without its external weight data) + concrete values for its named dynamic dims
 (``batch``, ``seq``, ``past``, ...) -> inputs pinned to those values -> ORT's symbolic shape inference (knows the
-com.microsoft ops: MatMulNBits, GroupQueryAttention) -> one :class:`~nora_edge.bench.roofline.OpCost` per node:
+com.microsoft ops: MatMulNBits, GroupQueryAttention; taught MRotaryEmbedding here) -> one :class:`~nora_edge.bench.roofline.OpCost` per node:
 MatMul / Gemm / Conv / MatMulInteger / MatMulNBits / attention FLOPs from their shapes; bytes = weights read once
 (initializers, or what constant subgraphs such as DequantizeLinear read from them) + activations read and written.
 Nodes whose inputs are all constant are folded by ORT at load and cost nothing; reshapes are views and move no
-bytes. Embedding Gathers read rows only.
+bytes. Embedding Gathers read rows only, and so do rotary embeddings from their cos/sin caches.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from nora_edge.errors import InputError
 
 _MATMUL_INT8 = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul"}
 _ATTENTION = {"GroupQueryAttention", "MultiHeadAttention"}
+_ROTARY = {"RotaryEmbedding", "MRotaryEmbedding"}  # input, position_ids, cos_cache, sin_cache
 _VIEW_OPS = {
     "Reshape",
     "Squeeze",
@@ -79,14 +80,27 @@ def detach_external(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
-    """name -> (shape, elem_type) for every tensor whose shape is fully known."""
+def _symbolic_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's symbolic shape inference, taught ``MRotaryEmbedding`` (Qwen2.5-VL's rotary in the fused decoder):
+    its output has its first input's shape, as ``RotaryEmbedding``'s (onnxruntime docs/ContribOperators.md)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    tool = SymbolicShapeInference(2**31 - 1, True, True, 0)
+    tool.dispatcher_.setdefault("MRotaryEmbedding", tool._infer_RotaryEmbedding)
+    tool._preprocess(model)
+    complete = False
+    while tool.run_:
+        complete = tool._infer_impl()
+    tool._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("incomplete symbolic shape inference")
+    return tool.out_mp_
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, elem_type) for every tensor whose shape is fully known."""
     try:
-        inferred = SymbolicShapeInference.infer_shapes(
-            detach_external(model), auto_merge=True, guess_output_rank=True
-        )
+        inferred = _symbolic_infer(detach_external(model))
     except Exception as e:  # the tool raises bare Exceptions / AssertionErrors on graphs it cannot follow
         raise InputError(
             f"<{model.graph.name}>: symbolic shape inference failed ({type(e).__name__}: {e})"
@@ -152,6 +166,9 @@ class _Walker:
         weights = self.weight_bytes(node)
         if node.op_type == "Gather" and node.input[0] in self.const_bytes:
             weights = self.io_bytes(list(node.output))  # embedding lookup: rows only
+        elif node.op_type in _ROTARY and len(ins) == 4:  # cos/sin caches (positions, hd/2): one row per token
+            tokens = math.prod(self.shape(ins[0])[:2])  # (B, S, heads * hd)
+            weights = sum(self.const_bytes.get(n, 0.0) / max(self.shape(n)[0], 1) * tokens for n in ins[2:])
         if any(n in self.const_int8 for n in ins) and prec in ("fp32", "fp16") and flops > 0:
             prec = "int8"  # QDQ weights: ORT runs the int8 kernel
         act = 0.0 if node.op_type in _VIEW_OPS else self.io_bytes(ins) + self.io_bytes(list(node.output))

@@ -247,8 +247,10 @@ class OrtDecoder:
             f(i) for i in range(self.n) for f in (bundle.present_key, bundle.present_value)
         ]
 
-        # a TensorRT-flavor graph (decoder_static.py): fixed (1, kv, max_len, hd) buffers written at cache_position
-        self.static = spec.meta.get("kv_cache") == "static"
+        # fixed (1, kv, max_len, hd) buffers: the TensorRT flavor (decoder_static.py) writes them at cache_position,
+        # the fused flavor (decoder_fused.py) at the slots after the attention_mask's tokens
+        self.layout = spec.meta.get("kv_cache")
+        self.static = self.layout in ("static", "shared")
 
     def empty_past(self) -> tuple[int, list[np.ndarray]]:
         """(tokens held, K/V per layer): (1, kv, 0, hd) arrays, or zeroed (1, kv, max_len, hd) static buffers."""
@@ -265,7 +267,7 @@ class OrtDecoder:
             bundle.POSITION_IDS: positions.astype(np.int64),
             **dict(zip(self.kv_names, kv, strict=True)),
         }
-        if self.static:
+        if self.layout == "static":
             from nora_edge.static_kv import CACHE_POSITION
 
             feeds[CACHE_POSITION] = np.arange(held, total, dtype=np.int64)

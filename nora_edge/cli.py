@@ -62,7 +62,9 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="NORA checkpoint directory (HF format)")],
     out: Annotated[Path, typer.Option("--out", help="bundle directory to create")],
     fast: Annotated[Path | None, typer.Option(help="FAST tokenizer dir (default: CHECKPOINT/fast)")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | int4 | a recipe name")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32 | fp16 | int8 | int8-qdq | int4 | int4-qdq | a recipe name")
+    ] = "fp32",
     image_size: Annotated[int, typer.Option(help="square input size the vision graph is built for")] = 224,
     time_horizon: Annotated[int | None, typer.Option(help="T when the FAST config leaves it null")] = None,
     validate: Annotated[bool, typer.Option(help="check the ONNX graphs against PyTorch")] = True,
@@ -121,10 +123,17 @@ def export_cmd(
     target: Annotated[
         str,
         typer.Option(
-            help="onnxruntime | tensorrt (fp32: standard ONNX ops only, static KV cache, checked against "
-            "TensorRT's operator tables)"
+            help="onnxruntime | tensorrt (standard ONNX ops only, static KV cache, checked against TensorRT's "
+            "operator tables; precisions fp32, fp16, int8-qdq, int4-qdq)"
         ),
     ] = "onnxruntime",
+    decoder_graph: Annotated[
+        str,
+        typer.Option(
+            help="onnxruntime target: portable (traced, standard ops) | fused (onnxruntime-genai's builder graph "
+            "adapted: GroupQueryAttention over in-place KV buffers, fused RMSNorm and rotary)"
+        ),
+    ] = "portable",
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -153,6 +162,7 @@ def export_cmd(
             gripper=tuple(gripper or ()),
             mask=_mask(mask),
             target=target,
+            decoder_graph=decoder_graph,
         )
     except NoraEdgeError as e:
         _fail(e)
@@ -332,20 +342,22 @@ def build_engine(
     ] = False,
     workspace_mib: Annotated[int, typer.Option(help="TensorRT builder workspace (MiB)")] = 1024,
 ) -> None:
-    """TensorRT engines for a --target tensorrt bundle (the API build is not implemented: use --print-trtexec)."""
+    """TensorRT engines for a --target tensorrt bundle: one per graph, built with the tensorrt Python API into
+    <bundle>.engines/<device>/ with engines.json (needs TensorRT + an NVIDIA GPU; else use --print-trtexec)."""
     from nora_edge.bundle import Bundle
     from nora_edge.export.trt_engine import build_engines, trtexec_commands
     from nora_edge.profiles import load_profile_file
 
     try:
         device = load_profile_file(profile).name
-        b = Bundle.load(bundle, verify=False)
+        b = Bundle.load(bundle, verify=not print_trtexec)  # engines are built from verified graphs only
         if print_trtexec:
             typer.echo("\n".join(trtexec_commands(b, device, workspace_mib)))
             return
-        build_engines(b, device)
+        record = build_engines(b, device, workspace_mib, log=lambda line: typer.echo(line, err=True))
     except NoraEdgeError as e:
         _fail(e)
+    typer.echo(f"engines and record: {record}")
 
 
 @app.command()

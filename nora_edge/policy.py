@@ -210,6 +210,7 @@ class NoraPolicy:
             name: open_session(
                 name, b.file(b.components[name].file), b.components[name], providers=providers,
                 threads=threads, cache_dir=cdir, spinning=spinning, shared_pool=shared_pool,
+                tensorrt=b.manifest.get("tensorrt"),
             )
             for name in ("vision", "decoder")
         }  # fmt: skip
@@ -221,7 +222,7 @@ class NoraPolicy:
         if list(table.shape) != list(emb.get("shape", table.shape)):
             raise BundleError(f"{b.path}: embeddings shape {table.shape} != manifest {emb.get('shape')}")
         dspec = b.components["decoder"]
-        if dspec.meta.get("kv_cache") == "static":  # TensorRT flavor: fixed KV buffers written at a slot
+        if dspec.meta.get("kv_cache") in ("static", "shared"):  # TensorRT / fused flavors: fixed KV buffers
             from nora_edge.static_kv import StaticDecoder
 
             decoder = StaticDecoder(sessions["decoder"], dspec, table, b.actions.head_rows)

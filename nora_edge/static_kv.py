@@ -1,17 +1,23 @@
-"""Static-KV decoder loop (TensorRT-flavor graphs): fixed (1, kv_heads, MAX, hd) buffers written at a slot.
+"""Fixed-buffer KV decoder loop: (1, kv_heads, MAX, hd) buffers written at a slot, for two graph flavors.
+
+Layouts (``components.decoder.meta.kv_cache``):
+  "static"  TensorRT flavor (export/decoder_static.py): the graph takes ``cache_position`` (S,) and writes the
+            new K/V rows there with ScatterElements, attending over the slots <= each token's own slot.
+  "shared"  fused onnxruntime flavor (export/decoder_fused.py): GroupQueryAttention takes ``attention_mask``
+            (1, length + S) of ones, writes the new rows at slots length .. length+S-1 and attends causally
+            over them (its past_present_share_buffer mode).
 
 Data flow: :meth:`StaticDecoder.empty_cache` allocates zeroed (1, kv_heads, MAX, hd) float32 OrtValues per
-layer on the session's device --:meth:`StaticDecoder.forward` (S new tokens after ``length`` held):
-cache_position = length .. length+S-1, the graph writes the new K/V rows there and attends over the slots <=
-each token's own slot--> logits (rows,) + a :class:`StaticKVCache` of ``length + S``. ``prefill``,
+layer on the session's device --:meth:`StaticDecoder.forward` (S new tokens after ``length`` held; the
+layout's position input)--> logits (rows,) + a :class:`StaticKVCache` of ``length + S``. ``prefill``,
 ``decode_step`` and ``greedy`` of :mod:`nora_edge.generate` run on it unchanged (same
 ``forward(embeds, position_ids, cache)`` contract).
 
 Buffer modes (``in_place``):
   True   present K/V are IO-bound to the past buffers themselves, so no byte of the cache is copied or
          allocated per step (onnxruntime's CPU ScatterElements skips its input->output copy when both are the
-         same buffer: ``ScatterData`` in onnxruntime/core/providers/cpu/tensor/scatter.cc; the tests check the
-         addresses). The buffers are shared by every cache derived from one ``empty_cache()``: a cache may be
+         same buffer: ``ScatterData`` in onnxruntime/core/providers/cpu/tensor/scatter.cc; GroupQueryAttention
+         detects the shared buffer itself; the tests check the addresses). The buffers are shared by every cache derived from one ``empty_cache()``: a cache may be
          extended again only while no later write went below its length (a cached prompt prefix serves any
          number of continuations; an abandoned branch does not). Extending a cache whose slots were
          overwritten raises :class:`StaleCacheError`; it never reads the other branch's rows.
@@ -38,7 +44,9 @@ from nora_edge.generate import Decoder, KVCache
 from nora_edge.sessions import GraphSession
 
 CACHE_POSITION = "cache_position"  # (seq,) int64 graph input: absolute slot of each new token
-KV_LAYOUT = "static"  # components.decoder.meta.kv_cache of a static-KV graph
+KV_LAYOUT = "static"  # components.decoder.meta.kv_cache of a static-KV (TensorRT-flavor) graph
+SHARED_LAYOUT = "shared"  # ... of a fused onnxruntime graph (GroupQueryAttention over shared buffers)
+KV_LAYOUTS = {KV_LAYOUT: CACHE_POSITION, SHARED_LAYOUT: B.ATTENTION_MASK}  # layout -> its position input
 
 
 class CacheOverflowError(InputError):
@@ -94,8 +102,8 @@ class StaticDecoder(Decoder):
 
     Args:
         session: the decoder :class:`GraphSession` (graph from ``export_decoder_static``).
-        spec: its component spec; meta as :class:`~nora_edge.generate.Decoder` plus ``kv_cache`` = "static"
-            and ``max_len``.
+        spec: its component spec; meta as :class:`~nora_edge.generate.Decoder` plus ``kv_cache`` ("static"
+            or "shared", see the module docstring) and ``max_len``.
         embeddings: (vocab, H) table.
         head_rows: (rows,) Qwen id of each logits row.
         in_place: bind present K/V to the past buffers (None: on the CPU provider only).
@@ -114,20 +122,23 @@ class StaticDecoder(Decoder):
         in_place: bool | None = None,
     ):
         super().__init__(session, spec, embeddings, head_rows)
-        if spec.meta.get("kv_cache") != KV_LAYOUT or "max_len" not in spec.meta:
+        layout = spec.meta.get("kv_cache")
+        if layout not in KV_LAYOUTS or "max_len" not in spec.meta:
             raise BundleError(
-                "manifest.json: components.decoder.meta must have kv_cache = 'static' and max_len for a "
-                f"static-KV decoder (got kv_cache={spec.meta.get('kv_cache')!r}, "
-                f"max_len={spec.meta.get('max_len')!r})"
+                f"manifest.json: components.decoder.meta must have kv_cache in {sorted(KV_LAYOUTS)} and max_len "
+                f"for a fixed-buffer KV decoder (got kv_cache={layout!r}, max_len={spec.meta.get('max_len')!r})"
             )
+        self.layout, self.position_input = layout, KV_LAYOUTS[layout]
         self.max_len = int(spec.meta["max_len"])
         shapes = {i.name: i.shape for i in session.session.get_inputs()}
         want = [1, self.num_kv_heads, self.max_len, self.head_dim]
-        got = shapes.get(self.kv_names[0])
-        if CACHE_POSITION not in shapes or list(got or []) != want:
+        got = list(shapes.get(self.kv_names[0]) or [])
+        # a static graph fixes every dim; a shared one leaves batch and slots symbolic (the buffer sets them)
+        fits = got == want if layout == KV_LAYOUT else len(got) == 4 and got[1::2] == want[1::2]
+        if self.position_input not in shapes or not fits:
             raise BundleError(
-                f"decoder graph: input {self.kv_names[0]} has shape {got}, {CACHE_POSITION} "
-                f"{'present' if CACHE_POSITION in shapes else 'missing'}; meta says static cache {want}"
+                f"decoder graph: input {self.kv_names[0]} has shape {got}, {self.position_input} "
+                f"{'present' if self.position_input in shapes else 'missing'}; meta says a {layout} cache {want}"
             )
         self.in_place = session.device == "cpu" if in_place is None else bool(in_place)
 
@@ -185,7 +196,10 @@ class StaticDecoder(Decoder):
         binding = self.session.session.io_binding()
         binding.bind_cpu_input(B.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=np.float32))
         binding.bind_cpu_input(B.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_cpu_input(CACHE_POSITION, np.arange(cache.length, cache.length + s, dtype=np.int64))
+        if self.layout == KV_LAYOUT:  # the slot of each new token
+            binding.bind_cpu_input(CACHE_POSITION, np.arange(cache.length, cache.length + s, dtype=np.int64))
+        else:  # GroupQueryAttention reads the tokens held from the mask's sum and width
+            binding.bind_cpu_input(B.ATTENTION_MASK, np.ones((1, cache.length + s), dtype=np.int64))
         for name in self.kv_names:
             binding.bind_ortvalue_input(name, cache.values[name])
         binding.bind_output(B.LOGITS, "cpu")
