@@ -115,8 +115,9 @@ bench-kernels: $(STAMP) kernels
 	command -v valgrind >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind)
 	$(PY) -m nora_edge.bench.kernels_bench --out $(OUT)/kernels-bench
 
-# --- decoder flavors: one decode step of our decoder vs onnxruntime-genai's builder output (node counts, 1 and 2
-# threads, same-input diffs, per-op profile); medium fixture + a real-dimension 4-layer slice: ~10 min, ~7 GB in $(OUT)
+# --- decoder flavors: one decode step of the portable and fused exports vs onnxruntime-genai's builder output (node
+# counts, 1 and 2 threads, same-input diffs, per-op profile); medium fixture + a real-dimension 4-layer slice:
+# ~15 min, ~8 GB in $(OUT)
 bench-decoder-flavors: $(STAMP)
 	$(PY) -m nora_edge.bench.decoder_flavors --out $(OUT)/decoder-flavors --fixture medium real-slice --threads 1 2 --past 130 --steps 300
 

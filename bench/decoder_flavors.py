@@ -261,6 +261,8 @@ def collect_flavors(
         "fused-fp32-sharebuf": {"path": paths["fused-fp32"], "share_buffer": True},
         "fused-int4": {"path": paths["fused-int4"], "share_buffer": False},
         "fused-int4-sharebuf": {"path": paths["fused-int4"], "share_buffer": True},
+        "fused-int4-b32": {"path": paths["fused-int4-b32"], "share_buffer": False},
+        "fused-int4-b32-sharebuf": {"path": paths["fused-int4-b32"], "share_buffer": True},
     }
     notes: dict = {
         "head_rows_bundle": str(paths["fp32"].parent),

@@ -146,7 +146,8 @@ def ensure_ours(out: Path, fixture: str = "medium") -> dict[str, Path]:
 
     Returns:
         {"dir": out/<fixture>, "ckpt": dir, "fp32" / "int4" / "fused-fp32" / "fused-int4": decoder.onnx}
-        (the portable export and the fused one, ``--decoder-graph fused``, each quantized by our int4 recipe).
+        (the portable export and the fused one, ``--decoder-graph fused``, each quantized by our int4 recipe) and
+        "fused-int4-b32" (the fused one through the int4-b32 recipe: the builder's default blocks).
 
     Raises:
         InputError: unknown fixture.
@@ -177,9 +178,13 @@ def ensure_ours(out: Path, fixture: str = "medium") -> dict[str, Path]:
     if not (fused / "manifest.json").exists():
         cmd = [_cli(), "export", str(paths["ckpt"]), "--out", str(fused), "--no-validate"]
         _run([*cmd, "--decoder-graph", "fused"], logs / "export-fused.log")
-    for src, int4 in ((paths["bundle"], root / "int4"), (fused, root / "fused-int4")):
+    for src, int4, recipe in (
+        (paths["bundle"], root / "int4", "int4"),
+        (fused, root / "fused-int4", "int4"),
+        (fused, root / "fused-int4-b32", "int4-b32"),  # the builder's default blocks, through our recipe
+    ):
         if not (int4 / "manifest.json").exists():
-            cmd = [_cli(), "quantize", str(src), "--out", str(int4), "--recipe", "int4", "--accept-degraded"]
+            cmd = [_cli(), "quantize", str(src), "--out", str(int4), "--recipe", recipe, "--accept-degraded"]
             _run(cmd, logs / f"quantize-{int4.name}.log")
     return {
         "dir": root,
@@ -188,6 +193,7 @@ def ensure_ours(out: Path, fixture: str = "medium") -> dict[str, Path]:
         "int4": root / "int4" / "decoder.onnx",
         "fused-fp32": fused / "decoder.onnx",
         "fused-int4": root / "fused-int4" / "decoder.onnx",
+        "fused-int4-b32": root / "fused-int4-b32" / "decoder.onnx",
     }
 
 

@@ -211,7 +211,7 @@ def test_calibration_records_the_static_decoders_real_step_inputs(trt_bundles):
     assert len(rec.feeds) > 1 and len(rec.feeds[0][CACHE_POSITION]) > 1  # a prefill, then decode steps
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-hqq", "mixed"])
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-b32", "int4-hqq", "mixed"])
 def test_non_tensorrt_recipes_are_refused(trt_bundles, tiny_trained_ckpt_h5: Path, tmp_path, recipe):
     from nora_edge.export.pipeline import export_bundle
     from nora_edge.export.quantize import quantize_bundle
