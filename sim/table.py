@@ -77,7 +77,7 @@ def component_recipes(name: str) -> dict[str, object]:
     """
     from dataclasses import replace
 
-    from nora_edge.export.quantize.recipes import BundleRecipe, get_recipe
+    from nora_edge.export.quantize import BundleRecipe, get_recipe
 
     full = get_recipe(name)
     out = {}

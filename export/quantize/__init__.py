@@ -35,9 +35,8 @@ from .recipes import (
     Int8DynamicRecipe,
     Int8QdqRecipe,
     WeightOnlyRecipe,
-    get_recipe,
-    list_recipes,
 )
+from .registry import get_recipe, list_recipes
 from .thresholds import GATE_METRICS, FidelityGateError, FidelityThresholds, MetricCheck, check_fidelity
 from .trt_quant import check_tensorrt_recipe, tensorrt_recipes
 

@@ -52,8 +52,8 @@ from .recipes import (
     Int8DynamicRecipe,
     Int8QdqRecipe,
     WeightOnlyRecipe,
-    get_recipe,
 )
+from .registry import get_recipe
 from .stream import WeightSource, stream_quantize, streamable
 from .weight_only import quantize_weight_only
 

@@ -35,7 +35,8 @@ from nora_edge.export.bundle_writer import BundleWriter, check_target
 from .apply import apply_recipe
 from .calibration import CalibrationSample, record_feeds, synthetic_samples
 from .embeddings import quantize_embedding_table
-from .recipes import BundleRecipe, get_recipe
+from .recipes import BundleRecipe
+from .registry import get_recipe
 from .thresholds import VALIDATION_KIND, FidelityGateError, check_fidelity, gate_message, validation_section
 from .trt_quant import check_quantized_graphs, check_tensorrt_recipe
 from .trt_quant import tensorrt_section as trt_section

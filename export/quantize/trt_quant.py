@@ -23,7 +23,8 @@ from pathlib import Path
 
 from nora_edge.errors import ExportError
 
-from .recipes import GRAPH_COMPONENTS, HEAD, RECIPES, BundleRecipe, get_recipe
+from .recipes import GRAPH_COMPONENTS, HEAD, BundleRecipe
+from .registry import RECIPES, get_recipe
 
 INT4_OPSET = 21
 

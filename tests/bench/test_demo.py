@@ -52,11 +52,11 @@ def test_precisions_must_include_fp32_once(tmp_path):
 def _plant_overtight_int8_gate(monkeypatch) -> None:
     """Fault injection through the real quantizer: the int8 recipe demands a vision cosine of exactly 1.0, which
     an int8 vision graph cannot reach, so ``quantize_bundle``'s fidelity gate raises FidelityGateError."""
-    from nora_edge.export.quantize import recipes
+    from nora_edge.export.quantize import registry
 
-    r = recipes.RECIPES["int8"]
+    r = registry.RECIPES["int8"]
     tight = dataclasses.replace(r, fidelity=dataclasses.replace(r.fidelity, image_embeds_cosine_min=1.0))
-    monkeypatch.setitem(recipes.RECIPES, "int8", tight)
+    monkeypatch.setitem(registry.RECIPES, "int8", tight)
 
 
 def test_a_quantized_bundle_that_fails_to_build_fails_the_cli_demo(
