@@ -257,18 +257,19 @@ def export_decoder(
     return decoder_spec(dec, out_path, data_files, ins, outs, head, len(head_rows))
 
 
+DIM_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "hidden_size")  # the runtime's Decoder reads these
+
+
 def decoder_spec(
-    dec: DecoderForExport, out_path, data_files, ins: list, outs: list, head: str, rows: int, **meta
+    dims, out_path, data_files, ins: list, outs: list, head: str, rows: int, **meta
 ) -> bundle.ComponentSpec:
-    """The fp32 decoder's manifest ComponentSpec; ``meta`` adds fields to the common ones."""
-    common = {
-        "num_layers": dec.num_layers,
-        "num_kv_heads": dec.num_kv_heads,
-        "head_dim": dec.head_dim,
-        "hidden_size": dec.hidden_size,
-        "head": head,
-        "num_rows": rows,
-    }
+    """The fp32 decoder's manifest ComponentSpec; ``meta`` adds fields to the common ones.
+
+    Args:
+        dims: the text decoder's :data:`DIM_FIELDS`, as a mapping or as attributes (a DecoderForExport).
+    """
+    get = dims.__getitem__ if isinstance(dims, dict) else lambda k: getattr(dims, k)
+    common = {**{k: int(get(k)) for k in DIM_FIELDS}, "head": head, "num_rows": rows}
     return bundle.ComponentSpec(
         file=Path(out_path).name,
         data_files=tuple(data_files),

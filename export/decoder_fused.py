@@ -207,6 +207,7 @@ def export_decoder_fused(
     Raises:
         ExportError: onnxruntime-genai missing, the builder failed, or its graph is not the expected one.
     """
+    from nora_edge.export.decoder import decoder_spec
     from nora_edge.export.quantize.graph import save_model_atomic
 
     if slots < 16:
@@ -222,20 +223,8 @@ def export_decoder_fused(
         data_files = save_model_atomic(model, out_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    meta = {k: int(dims[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size")}
-    meta.update(
-        head=head,
-        num_rows=len(rows),
-        kv_cache=KV_LAYOUT,
-        max_len=int(slots),
-        graph="fused",
+    return decoder_spec(
+        dims, out_path, data_files, ins, outs, head, len(rows),
+        kv_cache=KV_LAYOUT, max_len=int(slots), graph="fused",
         builder={"package": "onnxruntime-genai", "version": version},
-    )
-    return bundle.ComponentSpec(
-        file=Path(out_path).name,
-        data_files=tuple(data_files),
-        precision="fp32",
-        inputs=tuple(ins),
-        outputs=tuple(outs),
-        meta=meta,
-    )
+    )  # fmt: skip

@@ -176,16 +176,16 @@ def _dtype_name(elem_type: int) -> str:
     return onnx.TensorProto.DataType.Name(elem_type) if elem_type else ""
 
 
-def _walk(graph: onnx.GraphProto):
+def walk_nodes(graph: onnx.GraphProto):
     """Yield every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(attr.g)
+                yield from walk_nodes(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _walk(g)
+                    yield from walk_nodes(g)
 
 
 def _collect_types(
@@ -328,7 +328,7 @@ def check_graph(model_or_path, version: str = "10.3") -> Report:
                     f"{node.op_type} needs an all-zero zero point in TensorRT {label} ({row['restrictions']})",
                     node.input[zp], _dtype_name(types.get(node.input[zp], 0))))  # fmt: skip
 
-    for i, node in enumerate(_walk(model.graph)):
+    for i, node in enumerate(walk_nodes(model.graph)):
         report.nodes_checked += 1
         nname = node.name or f"#{i}:{node.op_type}"
         report.op_counts[(node.domain, node.op_type)] += 1

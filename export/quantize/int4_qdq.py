@@ -31,6 +31,7 @@ import onnx
 from onnx import defs
 
 from nora_edge.errors import ExportError
+from nora_edge.export.trt_support import walk_nodes
 
 from .recipes import Int4QdqRecipe
 
@@ -60,17 +61,6 @@ COMPATIBLE_STEPS: dict[int, frozenset[str]] = {
     ),
 }  # fmt: skip
 MIN_SOURCE_OPSET = min(COMPATIBLE_STEPS) - 1
-
-
-def _walk(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _walk(g)
 
 
 def ai_onnx_opset(model: onnx.ModelProto) -> int:
@@ -107,7 +97,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = TARGET_OPSET, *, source:
             f"(supported {MIN_SOURCE_OPSET}..{max(COMPATIBLE_STEPS)})"
         )
     changed: dict[str, str] = {}
-    for node in _walk(model.graph):
+    for node in walk_nodes(model.graph):
         if node.domain not in STANDARD or node.op_type in changed:
             continue
         for step in range(have + 1, target + 1):
