@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: kernels bench-kernels bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
+.PHONY: kernels bench-kernels bench-edge-preprocess bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
 
 # system packages: libosmesa6 renders MetaWorld offscreen on the CPU (the sim extra); apt runs only when missing
 APT_PACKAGES := libosmesa6
@@ -114,6 +114,11 @@ eval-sim: $(STAMP)
 bench-kernels: $(STAMP) kernels
 	command -v valgrind >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind)
 	$(PY) -m nora_edge.bench.kernels_bench --out $(OUT)/kernels-bench
+
+# --- libnora_edge image preprocessing vs numpy vs HF (PIL + Qwen2VLImageProcessor), one 480x640 frame, + callgrind
+bench-edge-preprocess: $(STAMP) kernels
+	command -v valgrind >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind)
+	$(PY) -m nora_edge.bench.edge_preprocess_bench --out $(OUT)/edge-preprocess-bench
 
 # --- decoder flavors: one decode step of the portable and fused exports vs onnxruntime-genai's builder output (node
 # counts, 1 and 2 threads, same-input diffs, per-op profile); medium fixture + a real-dimension 4-layer slice:

@@ -1,9 +1,11 @@
-"""setuptools hook: compile libnora_fast (kernels/, the FAST+ codec in C) into the package at build time.
+"""setuptools hook: compile libnora_fast (the FAST+ codec) and libnora_edge (C part: image preprocessing) into the
+package at build time.
 
 Data flow: kernels/src/{context,fast_cpu,cuda_stub}.c --cc (flags of kernels/Makefile)--> <build_lib>/nora_edge/
-_native/libnora_fast.so, which ``pip install .`` ships and ``nora_edge.kernels`` loads first. Without a C compiler
-the build prints one message and goes on: the runtime then uses its numpy codec (same results). Editable installs
-load kernels/build/libnora_fast.so (``make -C kernels cpu``) instead. Everything else is in pyproject.toml.
+_native/libnora_fast.so (loaded first by ``nora_edge.kernels``); kernels/src/edge/*.c --cc--> .../libnora_edge.so
+(loaded first by ``nora_edge.edge_lib``). Without a C compiler the build prints one message per library and goes
+on: the runtime then uses its numpy paths (same results). Editable installs load kernels/build/ (``make -C kernels
+cpu``) instead. Everything else is in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -22,19 +24,27 @@ KERNELS = ROOT / "kernels"
 SOURCES = ["src/context.c", "src/fast_cpu.c", "src/cuda_stub.c"]
 CFLAGS = ["-std=c11", "-O2", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall"]
 TARGET = Path("nora_edge") / "_native" / "libnora_fast.so"
+EDGE_TARGET = Path("nora_edge") / "_native" / "libnora_edge.so"
 
 
-def compile_kernels(out: Path) -> str | None:
-    """Build the shared library at ``out``; returns None on success, else why it was skipped."""
+def edge_sources() -> list[str]:
+    """libnora_edge's C sources (kernels/mk/edge.mk's EDGE_C_SRC: src/edge/*.c), relative to kernels/."""
+    return sorted(str(p.relative_to(KERNELS)) for p in (KERNELS / "src" / "edge").glob("*.c"))
+
+
+def compile_kernels(out: Path, sources: list[str] | None = None) -> str | None:
+    """Build a shared library at ``out`` from ``sources`` (default libnora_fast's); None on success, else why
+    it was skipped."""
+    sources = SOURCES if sources is None else sources
     cc = shlex.split(os.environ.get("CC", "cc"))
     if shutil.which(cc[0]) is None:
         return f"no C compiler ('{cc[0]}' not found; set CC)"
-    missing = [s for s in SOURCES if not (KERNELS / s).is_file()]
-    if missing:
-        return f"kernel sources missing: {missing}"
+    missing = [s for s in sources if not (KERNELS / s).is_file()]
+    if missing or not sources:
+        return f"kernel sources missing: {missing or 'none found'}"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [*cc, *CFLAGS, "-I" + str(KERNELS / "include"), "-I" + str(KERNELS / "src"),
-           *(str(KERNELS / s) for s in SOURCES), "-shared", "-o", str(out), "-lm"]  # fmt: skip
+           *(str(KERNELS / s) for s in sources), "-shared", "-o", str(out), "-lm"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return f"compiler failed ({' '.join(cmd)}):\n{proc.stderr.strip()}"
@@ -53,6 +63,12 @@ class BuildPyWithKernels(build_py):
             print(
                 f"nora-edge: libnora_fast not built: {why}. The runtime falls back to the numpy FAST codec "
                 "(same results); build the C library later with `make -C kernels cpu`."
+            )
+        why = compile_kernels(Path(self.build_lib) / EDGE_TARGET, edge_sources())
+        if why:
+            print(
+                f"nora-edge: libnora_edge not built: {why}. The runtime falls back to the numpy image "
+                "preprocessing (same values); build the C library later with `make -C kernels cpu`."
             )
 
 

@@ -9,19 +9,15 @@ resolved once per process. :mod:`nora_edge.kernels` builds contexts and calls on
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from nora_edge.errors import BundleError, InputError, NoraEdgeError
+from nora_edge.native_loader import NativeLibrary
 
 ENV_LIB = "NORA_EDGE_KERNELS_LIB"
 LIB_NAME = "libnora_fast.so"
-PACKAGED_LIB = Path(__file__).resolve().parent / "_native" / LIB_NAME
-REPO_LIB = Path(__file__).resolve().parent.parent / "kernels" / "build" / LIB_NAME
 ABI_MAJOR = 1  # NORA_FAST_VERSION_MAJOR this binding is written against
 # nora_fast_seq_status / nora_fast_sel_status in nora_fast.h (checked against the library at load)
 SEQ_STATUS = (
@@ -98,10 +94,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype, fn.argtypes = res, args
 
 
-_lock = threading.Lock()
-_state: dict = {}  # "lib", "path", "reason", "explicit", "warned" once resolved
-
-
 def _try_load(path: Path) -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.CDLL(str(path))
@@ -124,67 +116,25 @@ def _try_load(path: Path) -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def _resolve() -> dict:
-    with _lock:
-        if not _state:
-            env = os.environ.get(ENV_LIB)
-            if env:
-                lib, reason = _try_load(Path(env))
-                _state.update(lib=lib, path=Path(env) if lib else None, reason=reason, explicit=True)
-            else:
-                reasons = []
-                for path in (PACKAGED_LIB, REPO_LIB):
-                    lib, reason = _try_load(path) if path.is_file() else (None, f"{path}: not found")
-                    if lib is not None:
-                        _state.update(lib=lib, path=path, reason="", explicit=False)
-                        break
-                    reasons.append(reason)
-                else:
-                    _state.update(lib=None, path=None, reason="; ".join(reasons), explicit=False)
-            _state["warned"] = False
-        return _state
-
-
-def available() -> bool:
-    """True when libnora_fast loaded (and agrees with this binding's ABI and status names)."""
-    return _resolve()["lib"] is not None
-
-
-def unavailable_reason() -> str:
-    """Why the library did not load ("" when it did)."""
-    return _resolve()["reason"]
-
-
-def library_path() -> Path | None:
-    """The loaded library's path, or None."""
-    return _resolve()["path"]
-
-
-def explicitly_requested() -> bool:
-    """True when $NORA_EDGE_KERNELS_LIB names the library (a failure to load it must not be papered over)."""
-    return bool(_resolve()["explicit"])
-
-
-def warn_unavailable() -> None:
-    """Warn (once per process) that the numpy codec runs because the library is missing."""
-    st = _resolve()
-    with _lock:
-        if st["warned"]:
-            return
-        st["warned"] = True
-    warnings.warn(
-        f"libnora_fast unavailable ({st['reason']}); using the numpy FAST codec (same results). "
-        "Build it with `make -C kernels cpu` or reinstall nora-edge with a C compiler.",
-        KernelsUnavailableWarning,
-        stacklevel=3,
-    )
-
-
-def _lib() -> ctypes.CDLL:
-    st = _resolve()
-    if st["lib"] is None:
-        raise KernelsError(f"libnora_fast unavailable: {st['reason']} (build it with `make -C kernels cpu`)")
-    return st["lib"]
+_LIB = NativeLibrary(
+    LIB_NAME,
+    ENV_LIB,
+    _try_load,
+    "the numpy FAST codec (same results)",
+    KernelsUnavailableWarning,
+    KernelsError,
+)
+PACKAGED_LIB, REPO_LIB = _LIB.packaged, _LIB.repo
+available = (
+    _LIB.available
+)  # True when libnora_fast loaded (and agrees with this binding's ABI and status names)
+unavailable_reason = _LIB.unavailable_reason
+library_path = _LIB.library_path
+explicitly_requested = (
+    _LIB.explicitly_requested
+)  # $NORA_EDGE_KERNELS_LIB names it: a load failure is an error
+warn_unavailable = _LIB.warn_unavailable
+_lib = _LIB.handle
 
 
 def _raise(lib: ctypes.CDLL, rc: int, what: str) -> None:
