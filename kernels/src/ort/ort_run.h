@@ -1,0 +1,39 @@
+/* ort_run.h: onnxruntime's C API from libnora_edge, with the library loaded at run time (internal header).
+ *
+ * Data flow: nora_ort_open (dlopen the given libonnxruntime, OrtGetApiBase()->GetApi(ORT_API_VERSION), one
+ * OrtEnv) -> nora_graph_open (one session per graph, intra-op threads, full graph optimization) ->
+ * nora_graph_run: caller-owned host buffers wrapped as OrtValues without a copy and bound through an
+ * OrtIoBinding, inputs and outputs alike; an output bound to the memory of an input is written in place
+ * (the fused decoder's GroupQueryAttention KV buffers), so a decode step copies no cache.
+ *
+ * Errors: functions return 0 or -1 and write a message (naming the onnxruntime call) into err[errlen].
+ */
+#ifndef NORA_ORT_RUN_H
+#define NORA_ORT_RUN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct nora_ort nora_ort;
+typedef struct nora_graph nora_graph;
+
+/* A tensor in caller-owned host memory: `elem` is an ONNXTensorElementDataType (1 float, 7 int64). */
+typedef struct nora_tensor {
+    const char *name;
+    void *data;
+    int elem;
+    const int64_t *shape;
+    size_t ndim;
+} nora_tensor;
+
+int nora_ort_open(const char *lib_path, nora_ort **out, char *err, size_t errlen);
+void nora_ort_close(nora_ort *ort);
+/* The onnxruntime version string of the loaded library. */
+const char *nora_ort_version(const nora_ort *ort);
+
+int nora_graph_open(nora_ort *ort, const char *onnx_path, int threads, nora_graph **out, char *err, size_t errlen);
+void nora_graph_close(nora_graph *g);
+int nora_graph_run(nora_graph *g, const nora_tensor *in, size_t nin, const nora_tensor *out, size_t nout, char *err,
+                   size_t errlen);
+
+#endif
