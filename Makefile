@@ -16,6 +16,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(STAMP): pyproject.toml
 	dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES))
+	$(MAKE) -C kernels edge-deps  # libnora_edge's tokenizer: libpcre2-dev, libutf8proc-dev, nlohmann-json3-dev
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
