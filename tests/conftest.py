@@ -72,6 +72,19 @@ def tiny_trained_ckpt_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fused_trained_bundle(tiny_trained_ckpt_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``export --decoder-graph fused`` of ``tiny_trained_ckpt_h5``, validated (4 held-out pairs of its task)."""
+    from nora_edge.export.pipeline import export_bundle
+    from nora_edge.export.synthetic_task import instruction_list
+
+    out = tmp_path_factory.mktemp("fused") / "fused"
+    return export_bundle(
+        tiny_trained_ckpt_h5, out, decoder_graph="fused", progress=False,
+        validation_prompts=4, validation_instructions=instruction_list(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def make_rgb_image():
     """Factory for deterministic test images: ``make_rgb_image(seed=0, height=224, width=224)``."""
     from nora_edge.export.images import random_rgb_image

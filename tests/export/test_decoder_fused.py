@@ -22,17 +22,9 @@ FUSED_OPS = ("GroupQueryAttention", "MRotaryEmbedding", "SkipSimplifiedLayerNorm
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_trained_ckpt_h5: Path, trt_target_bundles, tmp_path_factory) -> tuple[Path, Path]:
+def bundles(fused_trained_bundle: Path, trt_target_bundles) -> tuple[Path, Path]:
     """(fused bundle, validated; the session's portable bundle of the same checkpoint)."""
-    from nora_edge.export.pipeline import export_bundle
-    from nora_edge.export.synthetic_task import instruction_list
-
-    root = tmp_path_factory.mktemp("fused")
-    fused = export_bundle(
-        tiny_trained_ckpt_h5, root / "fused", decoder_graph="fused", progress=False,
-        validation_prompts=4, validation_instructions=instruction_list(),
-    )  # fmt: skip
-    return fused, trt_target_bundles[1]
+    return fused_trained_bundle, trt_target_bundles[1]
 
 
 def _ops(b: Bundle) -> collections.Counter:

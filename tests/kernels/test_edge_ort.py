@@ -42,11 +42,8 @@ def driver(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fused(tiny_trained_ckpt_h5: Path, tmp_path_factory) -> Path:
-    from nora_edge.export.pipeline import export_bundle
-
-    out = tmp_path_factory.mktemp("edge-ort") / "fused"
-    return export_bundle(tiny_trained_ckpt_h5, out, decoder_graph="fused", validate=False, progress=False)
+def fused(fused_trained_bundle: Path) -> Path:
+    return fused_trained_bundle
 
 
 def _chunks(hidden: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
