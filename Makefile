@@ -34,7 +34,7 @@ demo: $(STAMP) kernels
 	$(VENV)/bin/nora-edge demo --out $(OUT)
 
 test: $(STAMP) kernels
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --timeout=7200

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from nora_edge.errors import InputError, NoraEdgeError
-from nora_edge.native_loader import NativeLibrary
+from nora_edge.native_loader import NativeLibrary, open_library
 
 ENV_LIB = "NORA_EDGE_EDGE_LIB"
 LIB_NAME = "libnora_edge.so"
@@ -51,26 +51,20 @@ class ImageSpecC(ctypes.Structure):
     ]
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _try_load(path: Path) -> tuple[ctypes.CDLL | None, str]:
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     spec_p = ctypes.POINTER(ImageSpecC)
-    sigs = {
-        "nora_edge_last_error": (ctypes.c_char_p, []),
-        "nora_edge_pixel_values_size": (sz, [spec_p]),
-        "nora_edge_preprocess": (ctypes.c_int, [vp, ctypes.c_int32, ctypes.c_int32, sz, spec_p, vp, sz, vp]),
-    }
-    for name, (res, args) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-
-
-def _try_load(path: Path) -> tuple[ctypes.CDLL | None, str]:
-    try:
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-    except (OSError, AttributeError) as e:
-        return None, f"{path}: cannot load ({e})"
-    return lib, ""
+    return open_library(
+        path,
+        {
+            "nora_edge_last_error": (ctypes.c_char_p, []),
+            "nora_edge_pixel_values_size": (sz, [spec_p]),
+            "nora_edge_preprocess": (
+                ctypes.c_int,
+                [vp, ctypes.c_int32, ctypes.c_int32, sz, spec_p, vp, sz, vp],
+            ),
+        },
+    )
 
 
 _LIB = NativeLibrary(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nora_edge.errors import BundleError, InputError, NoraEdgeError
-from nora_edge.native_loader import NativeLibrary
+from nora_edge.native_loader import NativeLibrary, open_library
 
 ENV_LIB = "NORA_EDGE_KERNELS_LIB"
 LIB_NAME = "libnora_fast.so"
@@ -74,9 +74,9 @@ class _Info(ctypes.Structure):  # nora_fast_info
                 ("max_ids", ctypes.c_int32), ("cuda_ready", ctypes.c_int32)]  # fmt: skip
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _signatures() -> dict:
     vp, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    sigs = {
+    return {
         "nora_fast_version": (i, []),
         "nora_fast_last_error": (ctypes.c_char_p, []),
         "nora_fast_seq_status_name": (ctypes.c_char_p, [i]),
@@ -89,17 +89,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "nora_fast_select": (i, [vp, i, vp, i64, vp, f, vp, vp, vp, vp, vp]),
         "nora_fast_decode": (i, [vp, i, vp, i64, vp, i, vp, vp, vp, vp]),
     }
-    for name, (res, args) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
 
 
 def _try_load(path: Path) -> tuple[ctypes.CDLL | None, str]:
-    try:
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-    except (OSError, AttributeError) as e:
-        return None, f"{path}: cannot load ({e})"
+    lib, reason = open_library(path, _signatures())
+    if lib is None:
+        return None, reason
     major = lib.nora_fast_version() // 1000
     if major != ABI_MAJOR:
         return (

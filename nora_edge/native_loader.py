@@ -20,6 +20,19 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TryLoad = Callable[[Path], "tuple[ctypes.CDLL | None, str]"]
 
 
+def open_library(path: Path, signatures: dict) -> tuple[ctypes.CDLL | None, str]:
+    """ctypes.CDLL(path) with ``signatures`` ({symbol: (restype, [argtypes])}) declared: (handle, "") or
+    (None, why) when the file does not load or lacks a symbol."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        for name, (res, args) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+    except (OSError, AttributeError) as e:
+        return None, f"{path}: cannot load ({e})"
+    return lib, ""
+
+
 class NativeLibrary:
     """One native library resolved lazily and at most once (until :meth:`reload`).
 
