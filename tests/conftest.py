@@ -72,6 +72,19 @@ def tiny_trained_ckpt_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_h5(tiny_ckpt_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 bundle of ``tiny_ckpt_h5`` (horizon 5, action head, 224-specialised vision)."""
+    import torch
+
+    from nora_edge.export.pipeline import export_bundle
+
+    torch.set_num_threads(1)
+    return export_bundle(
+        tiny_ckpt_h5, tmp_path_factory.mktemp("bench") / "tiny_h5_fp32", validate=False, progress=False
+    )
+
+
+@pytest.fixture(scope="session")
 def fused_trained_bundle(tiny_trained_ckpt_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``export --decoder-graph fused`` of ``tiny_trained_ckpt_h5``, validated (4 held-out pairs of its task)."""
     from nora_edge.export.pipeline import export_bundle

@@ -181,3 +181,16 @@ def open_ctx(clib):
     yield _open
     for ctx in opened:
         clib.lib.nora_fast_ctx_free(ctx)
+
+
+EDGE_DRIVERS = ("tok-check", "prompt-check")  # libnora_edge's C++ test drivers (kernels/tools/*.cpp)
+
+
+@pytest.fixture(scope="session")
+def edge_cxx_build(tmp_path_factory) -> Path:
+    """libnora_edge's C++ drivers built once (optimised, make -j2) into one temp BUILD dir, so the tokenizer's
+    objects (the slow nlohmann-json compile) are built once for every driver."""
+    build = tmp_path_factory.mktemp("edgecxx")
+    r = make(EDGE_DRIVERS[0], build, *EDGE_DRIVERS[1:], "-j2", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return build

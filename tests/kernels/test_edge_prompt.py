@@ -26,7 +26,7 @@ from nora_edge.errors import InputError
 from nora_edge.export.text_tokenizer import robot_instruction_corpus
 from nora_edge.prompt import PromptBuilder, decode_position_ids
 
-from .conftest import KERNELS, make
+from .conftest import make
 
 ST_INPUT, ST_BUNDLE = 1, 2
 MIN_COMPARED = 300
@@ -59,39 +59,27 @@ BLANK = [
 
 
 class Build:
-    """``make -C kernels prompt-check`` started in the background (it overlaps the bundle export)."""
+    """The session's C++ driver build (tests/kernels/conftest.py: edge_cxx_build)."""
 
     def __init__(self, build: Path) -> None:
         self.build = build
-        cmd = ["make", "-C", str(KERNELS), "prompt-check", f"BUILD={build}", "-j2"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def exe(self) -> Path:
-        """tools/prompt_check, optimised (waits for the build)."""
-        out, _ = self.proc.communicate(timeout=600)
-        assert self.proc.returncode == 0, out[-3000:]
+        """tools/prompt_check, optimised."""
         return self.build / "prompt" / "prompt_check"
 
 
 @pytest.fixture(scope="module")
-def drivers(tmp_path_factory):
-    """The driver's build, started first so it runs while the ``bundle`` fixture exports."""
-    b = Build(tmp_path_factory.mktemp("promptbuild"))
-    yield b
-    if b.proc.poll() is None:
-        b.proc.kill()
-        b.proc.wait()
+def drivers(edge_cxx_build: Path) -> Build:
+    return Build(edge_cxx_build)
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_ckpt_h5: Path, tmp_path_factory) -> dict:
-    """The fixture bundle's tokenizer path, HF tokenizer and the runtime's PromptBuilder."""
-    from nora_edge.export.pipeline import export_bundle
+def bundle(tiny_bundle_h5: Path) -> dict:
+    """The session fixture bundle's tokenizer path, HF tokenizer and the runtime's PromptBuilder."""
     from nora_edge.policy import NoraPolicy
 
-    path = export_bundle(
-        tiny_ckpt_h5, tmp_path_factory.mktemp("prompt") / "b", validate=False, progress=False
-    )
+    path = tiny_bundle_h5
     manifest = json.loads((path / "manifest.json").read_text())
     tok_path = path / manifest["prompt"]["tokenizer"]
     builder = NoraPolicy.load(path).prompt

@@ -99,12 +99,9 @@ def nfc_mismatches() -> frozenset[int]:
 
 
 @pytest.fixture(scope="module")
-def tok_check(tmp_path_factory) -> Path:
-    """tools/tok_check built (optimised) into a temp BUILD dir."""
-    build = tmp_path_factory.mktemp("tokbuild")
-    r = make("tok-check", build)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return build / "tok" / "tok_check"
+def tok_check(edge_cxx_build: Path) -> Path:
+    """tools/tok_check, optimised (the session's C++ driver build)."""
+    return edge_cxx_build / "tok" / "tok_check"
 
 
 def run_driver(exe: Path, tokenizer_json: Path, lines: list[str], tmp: Path) -> list[str]:
