@@ -236,5 +236,7 @@ def test_static_decoder_refuses_a_concat_kv_graph(graphs):
     from nora_edge.errors import BundleError
     from nora_edge.static_kv import StaticDecoder
 
-    with pytest.raises(BundleError, match=r"kv_cache in \['shared', 'static'\] and max_len"):  # the concat-KV graph + spec
+    with pytest.raises(
+        BundleError, match=r"kv_cache in \['shared', 'static'\] and max_len"
+    ):  # the concat-KV graph + spec
         StaticDecoder(graphs.current.session, graphs.cur_spec, graphs.table, graphs.rows)

@@ -183,7 +183,11 @@ def open_ctx(clib):
         clib.lib.nora_fast_ctx_free(ctx)
 
 
-EDGE_DRIVERS = ("tok-check", "prompt-check")  # libnora_edge's C++ test drivers (kernels/tools/*.cpp)
+EDGE_DRIVERS = (
+    "tok-check",
+    "prompt-check",
+    "bundle-check",
+)  # libnora_edge's C++ test drivers (kernels/tools/*.cpp)
 
 
 @pytest.fixture(scope="session")
