@@ -197,6 +197,20 @@ static void ne_pass_h(const uint8_t *src, size_t sstride, int32_t rows, const ne
 }
 
 #if NE_SSE2
+/* Taps 2j and 2j+1 of one output (k[0..n), 0 past n) split as k = hi * 2048 + lo, lo in [0, 2048) (hi exact:
+ * floor(k / 2048)); -1 when a high part does not fit int16 (never for bicubic weights, |k| <= ~1.3 * 2**22). */
+static int ne_split_pair(const int32_t *k, int32_t n, int32_t j, int32_t hi[2], int32_t lo[2]) {
+    for (int q = 0; q < 2; q++) {
+        const int32_t w = 2 * j + q < n ? k[2 * j + q] : 0;
+        lo[q] = (int32_t)((uint32_t)w & 2047u);
+        hi[q] = (w - lo[q]) / 2048;
+        if (hi[q] < INT16_MIN || hi[q] > INT16_MAX) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* The horizontal taps for _mm_madd_epi16: per output pixel, per pair of taps (k0, k1), 16 int16: the high parts
  * {h0, h1, h0, h1, h0, h1, 0, 0} then the low parts {l0, l1, ...}, where k = h * 2048 + l, l in [0, 2048).
  * An odd last tap pairs with weight 0. -1 when a weight's high part does not fit int16 (never for bicubic
@@ -209,13 +223,8 @@ static int ne_wtab_fill(const ne_taps *t, int32_t out_w, int16_t *wt) {
         for (int32_t j = 0; j < np; j++) {
             int16_t *e = wt + ((size_t)xx * (size_t)np + (size_t)j) * 16;
             int32_t hi[2], lo[2];
-            for (int q = 0; q < 2; q++) {
-                const int32_t w = 2 * j + q < n ? k[2 * j + q] : 0;
-                lo[q] = (int32_t)((uint32_t)w & 2047u);
-                hi[q] = (w - lo[q]) / 2048; /* exact: floor(w / 2048) */
-                if (hi[q] < INT16_MIN || hi[q] > INT16_MAX) {
-                    return -1;
-                }
+            if (ne_split_pair(k, n, j, hi, lo)) {
+                return -1;
             }
             for (int c = 0; c < 3; c++) {
                 e[2 * c] = (int16_t)hi[0];
@@ -316,19 +325,14 @@ static int ne_vtab_fill(const ne_taps *t, int32_t out_h, int32_t *vt) {
         const int32_t *k = t->weight + (size_t)yy * (size_t)t->ksize;
         const int32_t n = t->count[yy];
         for (int32_t j = 0; j < np; j++) {
-            uint32_t hi[2], lo[2];
-            for (int q = 0; q < 2; q++) {
-                const int32_t w = 2 * j + q < n ? k[2 * j + q] : 0;
-                const int32_t l = (int32_t)((uint32_t)w & 2047u), h = (w - l) / 2048;
-                if (h < INT16_MIN || h > INT16_MAX) {
-                    return -1;
-                }
-                hi[q] = (uint16_t)(int16_t)h;
-                lo[q] = (uint32_t)l;
+            int32_t hi[2], lo[2];
+            if (ne_split_pair(k, n, j, hi, lo)) {
+                return -1;
             }
+            const uint32_t h0 = (uint16_t)(int16_t)hi[0], h1 = (uint16_t)(int16_t)hi[1];
             int32_t *e = vt + ((size_t)yy * (size_t)np + (size_t)j) * 2;
-            e[0] = ne_i32(hi[0] | hi[1] << 16);
-            e[1] = ne_i32(lo[0] | lo[1] << 16);
+            e[0] = ne_i32(h0 | h1 << 16);
+            e[1] = ne_i32((uint32_t)lo[0] | (uint32_t)lo[1] << 16);
         }
     }
     return 0;
