@@ -1,8 +1,9 @@
 """CI gate: compare a bench run against a stored baseline, normalized by the in-run microbenchmark, and confirm a
 suspected regression by re-measuring before failing.
 
-Data flow: report dict (``run.run_bench``) -> ``gate_baseline.gate_metrics`` (fastest stage sample / ``unit_ms``,
-the fastest run of a fixed GEMM yardstick sampled between steps, so a slower machine is not a regression;
+Data flow: report dict (``run.run_bench``) -> ``gate_baseline.gate_metrics`` (fastest stage sample / the fastest
+run of its stage's yardstick, a fixed GEMM or a chain of small nodes sampled between steps, so a slower machine is
+not a regression;
 memory in MB; token-class rates) -> :func:`compare` with the baseline (``bench/baselines/ci.json``, the median of
 several bench processes: ``gate_baseline``) -> :class:`GateResult`
 (ok, one row per metric, readable diff). A gated stage over the limit is only a suspect: :func:`confirm` has the
@@ -42,15 +43,17 @@ from pathlib import Path
 
 from nora_edge.bench.gate_baseline import (
     DEFAULT_BASELINE,
-    GATE_STAT,
     GATED_STAGES,
     INFO_STAGES,
     RATES,
+    STAGE_UNITS,
+    UNITS,
     gate_metrics,
     identity,
     load_baseline,
     read_report,
     stage_stat,
+    unit_stat,
     write_baseline,
 )
 from nora_edge.errors import InputError
@@ -76,8 +79,9 @@ CONFIRM_SECONDS = 30.0
 CONFIRM_STEPS = 50
 WAITED_MS = 0.1  # an inference that waited longer than this on the run queue shared its core
 
-# remeasure(steps) -> {"stages": {stage: [ms, ...]}, "unit_ms": [yardstick ms, ...], "wait_ms": [run-queue wait
-# per step, ms; empty where the OS does not report it]} of ``steps`` more bench steps
+# remeasure(steps) -> {"stages": {stage: [ms, ...]}, "unit_ms": [GEMM yardstick ms, ...], "dispatch_ms": [dispatch
+# yardstick ms, ...], "wait_ms": [run-queue wait per step, ms; empty where the OS does not report it]} of ``steps``
+# more bench steps
 Remeasure = Callable[[int], dict]
 
 
@@ -174,6 +178,11 @@ def confirmation_lines(c: dict) -> list[str]:
         f"{c['seconds']:.1f} s (budget {c['max_seconds']:.0f} s), each step one inference then one yardstick "
         f"sample; {_contention_text(c['contention'])}; yardstick {c['unit_samples']} more samples, unit "
         f"{c['unit_ms_before']:.4g} -> {c['unit_ms_after']:.4g} ms"
+        + (
+            f", dispatch {c['dispatch_ms_before']:.4g} -> {c['dispatch_ms_after']:.4g} ms"
+            if "dispatch_ms_before" in c
+            else ""
+        )
     ]
     for s in c["stages"]:
         b, a = c["before"][s], c["after"][s]
@@ -245,15 +254,16 @@ def compare(report: dict, baseline: dict, max_regression: float = 0.15) -> GateR
 
 
 def _pooled(report: dict, conf: dict, stage: str) -> float:
-    """Fastest stage sample of first pass + re-measurement over the fastest yardstick sample of both."""
+    """Fastest stage sample of first pass + re-measurement over the fastest sample of its yardstick in both."""
     stage_ms = min([stage_stat(report, stage), *conf["samples"][stage]])
-    unit = min([float(report["unit_ms"][GATE_STAT]), *conf["unit_ms"]])
-    return stage_ms / unit
+    u = STAGE_UNITS[stage]
+    return stage_ms / min([unit_stat(report, u), *conf.get(u, ())])
 
 
 def _confirmation_summary(report: dict, conf: dict, rows: list[dict]) -> dict:
     by_stage = {r["stage"]: r for r in rows if r.get("stage") in conf["samples"]}
-    unit0 = float(report["unit_ms"][GATE_STAT])
+    unit0 = unit_stat(report, "unit_ms")
+    disp0 = unit_stat(report, "dispatch_ms")
     return {
         "stages": list(conf["samples"]),
         "rounds": conf["rounds"],
@@ -265,6 +275,8 @@ def _confirmation_summary(report: dict, conf: dict, rows: list[dict]) -> dict:
         "unit_samples": len(conf["unit_ms"]),
         "unit_ms_before": unit0,
         "unit_ms_after": min([unit0, *conf["unit_ms"]]),
+        "dispatch_ms_before": disp0,
+        "dispatch_ms_after": min([disp0, *conf.get("dispatch_ms", ())]),
         "before": {
             s: {"normalized": r["first_pass"], "change": r["first_change"]} for s, r in by_stage.items()
         },
@@ -311,14 +323,15 @@ def confirm(
     if not suspects or remeasure is None or not seconds > 0:
         return result
     conf = {"max_seconds": seconds, "steps_per_round": steps, "rounds": 0, "seconds": 0.0}
-    conf.update(samples={s: [] for s in suspects}, unit_ms=[], wait_ms=[])
+    conf.update(samples={s: [] for s in suspects}, unit_ms=[], dispatch_ms=[], wait_ms=[])
     report["confirmation"] = conf
     t0 = time.perf_counter()
     while True:
         got = remeasure(steps)
         for s in suspects:
             conf["samples"][s].extend(float(x) for x in got["stages"].get(s, ()))
-        conf["unit_ms"].extend(float(x) for x in got["unit_ms"])
+        for u in UNITS:
+            conf[u].extend(float(x) for x in got.get(u, ()))
         conf["wait_ms"].extend(float(x) for x in got.get("wait_ms", ()))
         conf["rounds"] += 1
         conf["seconds"] = time.perf_counter() - t0

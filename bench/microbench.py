@@ -6,8 +6,8 @@ Data flow: a few ORT graphs (``nora_edge.bench.ortgraph``) timed for ~1.5 s in a
 
 The roofline's host bandwidth is the ORT fp32 GEMV streaming rate (a 64 MB weight, bigger than the caches),
 because decode steps are GEMVs run by that same kernel; the plain memory copy is reported next to it.
-:class:`Yardstick` (one small fixed GEMM, sampled between bench steps) is what the CI gate divides stage
-latencies by, so a slower or busier machine does not read as a regression.
+:class:`Yardstick` (a small fixed GEMM and a chain of small nodes, sampled between bench steps) is what the CI gate
+divides stage latencies by, so a slower or busier machine does not read as a regression.
 """
 
 from __future__ import annotations
@@ -169,35 +169,85 @@ def host_profile(m: HostMeasurement) -> DeviceProfile:
     return parse_profile(data, str(path), measured=True)
 
 
-class Yardstick:
-    """The CI gate's machine-speed unit: a fixed fp32 GEMM (64x1024x1024), ~1.7 ms on one core here.
+def dispatch_session(threads: int | None, blocks: int = 20, width: int = 128, heads: int = 4) -> tuple:
+    """(ORT session, feeds) of a chain of ``blocks`` x 9 small nodes on a (1, width) row: per block a biased
+    (width, width) linear, mean-centering, a head split, softmax and a residual add.
 
-    Sampled between bench steps, so it sees the machine in the same state as the stages it normalizes. It had a
-    32 MB GEMV too, dropped: that weight streams from DRAM, whose bandwidth other processes share, and its fastest
-    run moved 1.03-1.25 ms between processes and 6% between windows of one process (the GEMM: under 1.1%) while
-    the gated stages of the tiny bundle, cache-resident, did not move with it (measured on a loaded 2-vCPU VM).
+    About as many nodes as the tiny bundle's decoder (~180 after ORT's fusions) on tensors just as small, so its
+    time is per-node dispatch, not arithmetic: what a decode step of a small decoder is bound by.
+    """
+    g = GraphBuilder(np.float32)
+    h = g.add_input("x", [1, width])
+    split, flat = g.const([1, heads, width // heads]), g.const([1, width])
+    for _ in range(blocks):
+        y = g.linear(h, width, width, "fp32", bias=True)  # (1, width)
+        (m,) = g.op("ReduceMean", [y], axes=[-1], keepdims=1)
+        (c,) = g.op("Sub", [y, m])
+        (r,) = g.op("Reshape", [c, split])  # (1, heads, width / heads)
+        (t,) = g.op("Transpose", [r], perm=[1, 0, 2])
+        (sm,) = g.op("Softmax", [t], axis=-1)
+        (t2,) = g.op("Transpose", [sm], perm=[1, 0, 2])
+        (f,) = g.op("Reshape", [t2, flat])
+        (h,) = g.op("Add", [f, h])
+    g.add_output(h)
+    return g.session(threads), {"x": np.ones((1, width), np.float32)}
+
+
+DISPATCH_REPS = 3
+
+
+class Yardstick:
+    """The CI gate's machine-speed units, two workloads timed once per bench step.
+
+    ``gemm``: a fixed fp32 GEMM (64x1024x1024), ~1.6 ms on one core here; the unit of the compute-bound stages.
+    It had a 32 MB GEMV too, dropped: that weight streams from DRAM, whose bandwidth other processes share, and
+    its fastest run moved 1.03-1.25 ms between processes and 6% between windows of one process (the GEMM: under
+    1.1%) while the gated stages of the tiny bundle, cache-resident, did not move with it (measured on a loaded
+    2-vCPU VM).
+
+    ``dispatch``: :func:`dispatch_session` warm (the fastest of ``DISPATCH_REPS`` back-to-back runs), ~0.11 ms
+    here; the unit of the tiny decoder's dispatch-bound prefill and step (``gate_baseline.STAGE_UNITS``). The GEMM
+    alone did not carry those across hosts: between two runs of the same code on two instances of this CI's VM
+    type, the GEMM got 10% faster while the decode step got 14% slower (0.311 -> 0.355 ms).
+
+    Sampled between bench steps, so both see the machine in the same state as the stages they normalize.
     """
 
     GEMM = (64, 1024, 1024)
     SHAPES = (GEMM,)
+    WORKLOADS = ("gemm", "dispatch")
 
     def __init__(self, threads: int | None = None) -> None:
-        self._runs = [linear_session(shape, "fp32", threads) for shape in self.SHAPES]
-        self.samples_ms: list[float] = []
-        for sess, feeds in self._runs:  # warm up
+        self._runs = {
+            "gemm": linear_session(self.GEMM, "fp32", threads),
+            "dispatch": dispatch_session(threads),
+        }
+        self.samples: dict[str, list[float]] = {w: [] for w in self.WORKLOADS}
+        for sess, feeds in self._runs.values():  # warm up
             sess.run(None, feeds)
 
+    @property
+    def samples_ms(self) -> list[float]:
+        """The GEMM's samples (ms)."""
+        return self.samples["gemm"]
+
     def sample(self) -> float:
-        """Time the workload once; returns and records milliseconds."""
-        total = 0.0
-        for sess, feeds in self._runs:
-            total += time_session(sess, feeds, reps=1, warmup=0)[0]
-        self.samples_ms.append(1e3 * total)
-        return self.samples_ms[-1]
+        """Time each workload once; records milliseconds and returns the GEMM's."""
+        sess, feeds = self._runs["gemm"]
+        self.samples["gemm"].append(1e3 * time_session(sess, feeds, reps=1, warmup=0)[0])
+        # the chain warm, as a decode step runs right after the previous one: a cold first run (caches taken by
+        # the policy's step) took twice as long and moved 6% between bench processes
+        sess, feeds = self._runs["dispatch"]
+        self.samples["dispatch"].append(1e3 * min(time_session(sess, feeds, reps=DISPATCH_REPS, warmup=1)))
+        return self.samples["gemm"][-1]
+
+    def unit(self, name: str = "gemm") -> float:
+        """The fastest sample of one workload: the machine's speed when nothing else preempts the bench."""
+        if not self.samples[name]:
+            raise InputError(f"Yardstick.unit({name!r}) before any sample")
+        return float(min(self.samples[name]))
 
     @property
     def unit_ms(self) -> float:
-        """The fastest sample: the machine's speed when nothing else preempts the bench."""
-        if not self.samples_ms:
-            raise InputError("Yardstick.unit_ms before any sample")
-        return float(min(self.samples_ms))
+        """The GEMM's fastest sample."""
+        return self.unit("gemm")

@@ -4,8 +4,8 @@ Data flow: bundle dir -> NoraPolicy (ORT, ``forced_tokens="flag"``: chunks the m
 timed and counted, not refused) [+ ReferencePolicy on the checkpoint, imported lazily] -> warmup -> ``steps``
 interleaved inferences on the same deterministic images (runtime and reference alternate who goes first;
 ``steps.StepLoop``) -> per-stage samples from ``NoraPolicy.last_timings`` + wall-clock e2e + RSS and anonymous
-RSS + token classes + one yardstick sample per step (``microbench.Yardstick``, the gate's ``unit_ms``) -> host
-microbenchmark (peaks, after the steps) -> statistics (``stats``), malformed / repaired / forced_continue
+RSS + token classes + one yardstick sample per step (``microbench.Yardstick``: the gate's ``unit_ms`` and
+``dispatch_ms``) -> host microbenchmark (peaks, after the steps) -> statistics (``stats``), malformed / repaired / forced_continue
 rates, speedups, roofline of the bundle's graphs on every
 profile (``bundle_cost``), OpenVLA-7B on every profile (``baseline7b.bench_section``) -> optional CI gate
 (``gate.confirm``: a suspected stage regression is re-measured with more steps of the same loop before it
@@ -102,8 +102,12 @@ def speedups(rt: dict, ref: dict) -> dict:
 
 
 def yardstick_name() -> str:
-    """What the yardstick times (part of the gate's identity: a baseline timed against another one is refused)."""
+    """What the GEMM yardstick times (part of the gate's identity: a baseline timed against another one is
+    refused)."""
     return "fp32 MatMul " + " + ".join("x".join(map(str, shape)) for shape in Yardstick.SHAPES)
+
+
+DISPATCH_NAME = "ORT chain of 20 x (MatMul+Add 1x128x128, center, 4-head softmax, residual)"
 
 
 def load_policy(bundle, policy, threads: int | None, constrained: bool):
@@ -203,7 +207,8 @@ def run_bench(
     wall = time.perf_counter() - wall0
     if bar:
         bar.stop()
-    unit_samples = list(loop.yardstick.samples_ms)
+    unit_samples = list(loop.yardstick.samples["gemm"])
+    dispatch_samples = list(loop.yardstick.samples["dispatch"])
     # the host microbenchmark runs after the timed steps: its 64 MB weights leave 2-26 MB of freed but
     # resident heap behind (varying run to run), which the steps' memory peak must not count
     host = host_profile(measure_host(threads))
@@ -229,6 +234,11 @@ def run_bench(
         },
         "host": host_profile_json(host),
         "unit_ms": {"samples": unit_samples, "min": min(unit_samples), "yardstick": yardstick_name()},
+        "dispatch_ms": {
+            "samples": dispatch_samples,
+            "min": min(dispatch_samples),
+            "yardstick": DISPATCH_NAME,
+        },
         "runtime": runtime,
         "memory": {
             "policy_rss_mb": policy_rss,

@@ -203,7 +203,13 @@ class StepLoop:
 
     def remeasure(self, steps: int) -> dict:
         """``steps`` more steps of :meth:`run` (the gate's confirmation, ``gate.Remeasure``)."""
-        n0 = len(self.yardstick.samples_ms)
+        n0 = len(self.yardstick.samples["gemm"])
         rec = Recorder()
         self.run(steps, rec, Recorder())
-        return {"stages": rec.samples, "unit_ms": self.yardstick.samples_ms[n0:], "wait_ms": rec.wait_ms}
+        ys = self.yardstick.samples
+        return {
+            "stages": rec.samples,
+            "unit_ms": ys["gemm"][n0:],
+            "dispatch_ms": ys["dispatch"][n0:],
+            "wait_ms": rec.wait_ms,
+        }

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from nora_edge.bench import gate
+from nora_edge.bench.gate_baseline import STAGE_UNITS
 from nora_edge.bench.run import run_bench
 from nora_edge.errors import InputError
 
@@ -136,13 +137,15 @@ def test_confirmation_numbers_follow_from_the_raw_samples(runs):
         assert len(conf["unit_ms"]) == conf["rounds"] * conf["steps_per_round"] == summary["unit_samples"], (
             name
         )
+        assert len(conf["dispatch_ms"]) == len(conf["unit_ms"]), name
+        # the decode step is divided by the dispatch yardstick (gate_baseline.STAGE_UNITS)
         first = rep["samples"]["runtime"]["decode_step"]
-        unit = min(rep["unit_ms"]["samples"] + conf["unit_ms"])
+        unit = min(rep["dispatch_ms"]["samples"] + conf["dispatch_ms"])
         pooled = min(first + conf["samples"]["decode_step"]) / unit
         row = _row(rep["gate"], "decode_step (norm)")
         assert row["current"] == pytest.approx(pooled, rel=1e-12), name
         assert row["change"] == pytest.approx(pooled / base - 1, rel=1e-12), name
-        assert row["first_pass"] == pytest.approx(min(first) / min(rep["unit_ms"]["samples"]), rel=1e-12)
+        assert row["first_pass"] == pytest.approx(min(first) / min(rep["dispatch_ms"]["samples"]), rel=1e-12)
         assert summary["after"]["decode_step"]["change"] == row["change"]
 
 
@@ -203,14 +206,15 @@ def test_baseline_is_the_median_of_several_bench_processes(runs, tmp_path, capsy
     stored = json.loads(target.read_text())
     assert len(stored["runs"]) == 3 and "median over 3 bench process(es)" in stored["note"]
     for stage in ("vision", "prefill", "decode_step", "e2e"):
-        norm = [runs[n]["runtime"]["stages"][stage]["min"] / runs[n]["unit_ms"]["min"] for n in names]
+        unit = STAGE_UNITS[stage]
+        norm = [runs[n]["runtime"]["stages"][stage]["min"] / runs[n][unit]["min"] for n in names]
         assert stored["metrics"]["normalized"][stage] == pytest.approx(statistics.median(norm), rel=1e-12)
         assert [r["normalized"][stage] for r in stored["runs"]] == pytest.approx(norm, rel=1e-12)
     memory = [runs[n]["memory"]["anon_rss_peak_mb"] for n in names]
     assert stored["metrics"]["memory_kind"] == "anon_rss_peak_mb" and all(m > 0 for m in memory)
     assert stored["metrics"]["memory_mb"] == statistics.median(memory)
     # the one slowed process out of three does not become the baseline
-    slow = runs["slow"]["runtime"]["stages"]["decode_step"]["min"] / runs["slow"]["unit_ms"]["min"]
+    slow = runs["slow"]["runtime"]["stages"]["decode_step"]["min"] / runs["slow"]["dispatch_ms"]["min"]
     assert stored["metrics"]["normalized"]["decode_step"] < slow
     assert "median of 3 bench process(es)" in capsys.readouterr().out
 
@@ -233,12 +237,14 @@ def test_reports_for_different_settings_make_no_baseline(runs, tmp_path):
         ("config", "providers", {"vision": ["CUDAExecutionProvider"], "decoder": ["CPUExecutionProvider"]}),
         ("bundle", "head", "full"),
         ("unit_ms", "yardstick", "fp32 MatMul 64x1024x1024 + 1x2048x4096"),  # the earlier yardstick
+        ("dispatch_ms", "yardstick", "another chain"),
     ],
 )
 def test_baseline_for_other_settings_is_refused_naming_the_field(runs, section, field, value):
     other = json.loads(json.dumps(runs["same"]))
     other[section][field] = value
-    with pytest.raises(InputError, match=f"baseline was recorded for other settings: {field} \\(baseline"):
+    name = "dispatch_yardstick" if section == "dispatch_ms" else field
+    with pytest.raises(InputError, match=f"baseline was recorded for other settings: {name} \\(baseline"):
         gate.compare(other, gate.load_baseline(runs["baseline"]))
 
 
