@@ -2,7 +2,7 @@
 package at build time.
 
 Data flow: kernels/src/{context,fast_cpu,cuda_stub}.c --cc (flags of kernels/Makefile)--> <build_lib>/nora_edge/
-_native/libnora_fast.so (loaded first by ``nora_edge.kernels``); kernels/src/edge/*.c --cc--> .../libnora_edge.so
+_native/libnora_fast.so (loaded first by ``nora_edge.kernels``); kernels/src/edge/*.c --cc--> .../libnora_edge_pre.so
 (loaded first by ``nora_edge.edge_lib``). Without a C compiler the build prints one message per library and goes
 on: the runtime then uses its numpy paths (same results). Editable installs load kernels/build/ (``make -C kernels
 cpu``) instead. Everything else is in pyproject.toml.
@@ -24,7 +24,7 @@ KERNELS = ROOT / "kernels"
 SOURCES = ["src/context.c", "src/fast_cpu.c", "src/cuda_stub.c"]
 CFLAGS = ["-std=c11", "-O2", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall"]
 TARGET = Path("nora_edge") / "_native" / "libnora_fast.so"
-EDGE_TARGET = Path("nora_edge") / "_native" / "libnora_edge.so"
+EDGE_TARGET = Path("nora_edge") / "_native" / "libnora_edge_pre.so"
 
 
 def edge_sources() -> list[str]:

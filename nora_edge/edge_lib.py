@@ -1,8 +1,8 @@
 """Loading libnora_edge (``kernels/src/edge``, ABI ``kernels/include/nora_edge.h``) with ctypes; its preprocessing.
 
 Data flow:
-  library: $NORA_EDGE_EDGE_LIB (explicit; an error when set but unloadable) | nora_edge/_native/libnora_edge.so
-  (shipped by ``pip install .``, see setup.py) | kernels/build/libnora_edge.so (``make -C kernels cpu``, dev trees)
+  library: $NORA_EDGE_EDGE_LIB (explicit; an error when set but unloadable) | nora_edge/_native/libnora_edge_pre.so
+  (shipped by ``pip install .``, see setup.py) | kernels/build/libnora_edge_pre.so (``make -C kernels cpu``, dev trees)
   --ctypes.CDLL, symbols declared--> the library handle, resolved once per process.
   :func:`preprocess`: RGB frame (H, W, 3) uint8 (rows may be padded: any row stride >= 3*W, pixels packed)
   + the final size and patch/normalization settings --nora_edge_preprocess (Pillow-exact bicubic, HF
@@ -24,7 +24,7 @@ from nora_edge.errors import InputError, NoraEdgeError
 from nora_edge.native_loader import NativeLibrary, open_library
 
 ENV_LIB = "NORA_EDGE_EDGE_LIB"
-LIB_NAME = "libnora_edge.so"
+LIB_NAME = "libnora_edge_pre.so"
 ERR_INPUT = 1  # NORA_EDGE_ERR_INPUT
 ERR_NOMEM = 7  # NORA_EDGE_ERR_NOMEM
 

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 #define NORA_EDGE_ABI_MAJOR 0
-#define NORA_EDGE_ABI_MINOR 1
+#define NORA_EDGE_ABI_MINOR 2
 
 #if defined(__GNUC__)
 #define NORA_EDGE_API __attribute__((visibility("default")))
@@ -68,6 +68,91 @@ NORA_EDGE_API size_t nora_edge_pixel_values_size(const nora_edge_image_spec *spe
 NORA_EDGE_API nora_edge_status nora_edge_preprocess(const uint8_t *rgb, int32_t height, int32_t width,
                                                    size_t stride, const nora_edge_image_spec *spec,
                                                    float *out, size_t out_len, int64_t grid_thw[3]);
+
+
+/* ---------------------------------------------------------------- policy (needs onnxruntime at run time) */
+
+/* A loaded bundle: graphs, tokenizer, prompt prefix KV, codec. Calls on one policy are serialized by its own
+ * lock; separate policies run in parallel. */
+typedef struct nora_policy nora_policy;
+
+/* What a chunk holding tokens the model did not choose does (nora_edge.chunk.ForcedTokenRule). */
+typedef enum nora_edge_forced_mode {
+    NORA_EDGE_FORCED_REFUSE = 0,      /* NORA_EDGE_ERR_FORCED for a forced_continue token or > max_repaired */
+    NORA_EDGE_FORCED_FLAG = 1,        /* hand the chunk out; nora_chunk_info.flagged and the classes say so */
+} nora_edge_forced_mode;
+
+/* Class of each generated token (nora_edge.generate.TOKEN_CLASSES). */
+typedef enum nora_edge_token_class {
+    NORA_EDGE_TOKEN_MODEL = 0,        /* the model's own top choice */
+    NORA_EDGE_TOKEN_REPAIRED = 1,     /* the automaton replaced a top choice that could not decode */
+    NORA_EDGE_TOKEN_FORCED = 2,       /* the model chose to end; the chunk was not complete (forced_continue) */
+} nora_edge_token_class;
+
+typedef struct nora_policy_options {
+    size_t struct_size;               /* sizeof(nora_policy_options): set by nora_policy_options_init */
+    const char *onnxruntime_path;     /* libonnxruntime.so.1.x to load; NULL: $NORA_EDGE_ONNXRUNTIME */
+    int32_t threads;                  /* intra-op threads per graph; 0 = onnxruntime's default */
+    int32_t verify_hashes;            /* 1: sha256 of every bundle file at create (sizes are always checked) */
+    int32_t forced_tokens;            /* nora_edge_forced_mode (default REFUSE) */
+    int32_t max_repaired;             /* repaired tokens a chunk may hold under REFUSE (default 0) */
+} nora_policy_options;
+
+/* Defaults: onnxruntime from $NORA_EDGE_ONNXRUNTIME, threads 0, verify_hashes 0, REFUSE, max_repaired 0. */
+NORA_EDGE_API void nora_policy_options_init(nora_policy_options *options);
+
+typedef struct nora_policy_info {
+    size_t struct_size;               /* caller sets sizeof(nora_policy_info) */
+    int32_t time_horizon, action_dim; /* T, D of a chunk */
+    int32_t max_tokens;               /* capacity a step's token arrays need: 4*T*D + 1 */
+    int32_t num_unnorm_keys;          /* keys the bundle's norm stats hold */
+    int32_t prefix_tokens;            /* prompt prefix prefilled at create */
+    int32_t max_len;                  /* KV slots of the decoder graph */
+    char onnxruntime_version[32];
+} nora_policy_info;
+
+/* What one step did. Timings in seconds (wall clock). */
+typedef struct nora_chunk_info {
+    size_t struct_size;               /* caller sets sizeof(nora_chunk_info) */
+    int32_t num_tokens;               /* generated ids (written to token_ids / token_classes) */
+    int32_t class_counts[3];          /* per nora_edge_token_class */
+    int32_t flagged;                  /* 1 when a token was not the model's own choice */
+    int32_t prompt_tokens;            /* S */
+    double preprocess_s, vision_s, prefill_s, decode_s, detokenize_s, total_s;
+    double decode_step_min_s, decode_step_max_s;
+} nora_chunk_info;
+
+/* Load and verify a bundle (manifest, sizes, optionally sha256), open both graphs, prefill the prompt prefix.
+ * options may be NULL (defaults). The decoder must be a fixed-buffer graph (`export --decoder-graph fused`, or
+ * the TensorRT flavor's static KV) and the vision graph specialised to one grid: NORA_EDGE_ERR_UNSUPPORTED
+ * otherwise. *out is NULL on failure. */
+NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const nora_policy_options *options,
+                                                  nora_policy **out);
+NORA_EDGE_API void nora_policy_destroy(nora_policy *policy);
+NORA_EDGE_API nora_edge_status nora_policy_get_info(const nora_policy *policy, nora_policy_info *info);
+
+/* One chunk (NoraPolicy.run_chunk): RGB frame (height, width, 3) uint8 with row stride `stride` bytes, UTF-8
+ * instruction, unnorm key (NULL: the only key) -> actions (T, D) float64 in robot units, row-major.
+ * token_ids / token_classes (capacity tokens_len, >= nora_policy_info.max_tokens; both may be NULL) receive the
+ * generated Qwen ids and their nora_edge_token_class; info (may be NULL) the counts and timings.
+ * On any failure `actions` is left untouched; a chunk refused under NORA_EDGE_FORCED_REFUSE returns
+ * NORA_EDGE_ERR_FORCED with the ids, classes and info filled in. */
+NORA_EDGE_API nora_edge_status nora_policy_step(nora_policy *policy, const uint8_t *rgb, int32_t height,
+                                                int32_t width, size_t stride, const char *instruction,
+                                                const char *unnorm_key, double *actions, size_t actions_len,
+                                                int64_t *token_ids, int32_t *token_classes, size_t tokens_len,
+                                                nora_chunk_info *info);
+
+/* NoraPolicy.select_action: the next (D,) action from the queue, refilled with a new chunk when empty. The queue
+ * is dropped when the instruction or unnorm key changes; *new_chunk (may be NULL) is 1 when this call ran the
+ * model. On failure the queue is empty and `action` untouched. */
+NORA_EDGE_API nora_edge_status nora_policy_select_action(nora_policy *policy, const uint8_t *rgb, int32_t height,
+                                                         int32_t width, size_t stride, const char *instruction,
+                                                         const char *unnorm_key, double *action,
+                                                         size_t action_len, int32_t *new_chunk);
+
+/* Forget queued actions (episode start). */
+NORA_EDGE_API nora_edge_status nora_policy_reset(nora_policy *policy);
 
 #ifdef __cplusplus
 }

@@ -37,7 +37,7 @@ extern "C" {
 #endif
 
 #define NORA_FAST_VERSION_MAJOR 1
-#define NORA_FAST_VERSION_MINOR 0
+#define NORA_FAST_VERSION_MINOR 1
 #define NORA_FAST_VERSION (NORA_FAST_VERSION_MAJOR * 1000 + NORA_FAST_VERSION_MINOR)
 /* codec/native/native.txt "nora_fast_native <N>": the file format this build reads */
 #define NORA_FAST_NATIVE_FORMAT 1
@@ -176,6 +176,12 @@ NORA_FAST_API int nora_fast_select(const nora_fast_ctx* ctx, int batch, const fl
 NORA_FAST_API int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
                                    const int32_t* lengths, int program, float* actions, int32_t* coeffs,
                                    int32_t* status, int32_t* error_pos);
+
+/* nora_fast_decode with float64 actions (B, T, D): the post program's float64 result, not rounded to float32
+ * (what the runtimes hand a robot). CPU only. Since 1.1. */
+NORA_FAST_API int nora_fast_decode_f64(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
+                                       const int32_t* lengths, int program, double* actions, int32_t* coeffs,
+                                       int32_t* status, int32_t* error_pos);
 
 /* ---- CUDA (device pointers; same semantics as the CPU calls) ---------------------------------------------- */
 /* Copy the tables to the current device (once per context). */

@@ -21,9 +21,9 @@ $(BUILD)/bundle/%.o: src/edge/%.cpp $(BUNDLE_HEADERS)
 	@mkdir -p $(@D)
 	$(CXX) $(BUNDLE_CXXFLAGS) $(CXXFLAGS) -O2 -c $< -o $@
 
-# the driver links libnora_edge.a for sha256.c and nora_edge_pixel_values_size (C objects built by mk/edge.mk)
-$(BUILD)/bundle/bundle_check: tools/bundle_check.cpp $(BUNDLE_OBJ) $(BUILD)/libnora_edge.a $(BUNDLE_HEADERS)
-	$(CXX) $(BUNDLE_CXXFLAGS) $(CXXFLAGS) -O2 $< $(BUNDLE_OBJ) $(BUILD)/libnora_edge.a $(EDGE_LDLIBS) -o $@
+# the driver links libnora_edge_pre.a for sha256.c and nora_edge_pixel_values_size (C objects built by mk/edge.mk)
+$(BUILD)/bundle/bundle_check: tools/bundle_check.cpp $(BUNDLE_OBJ) $(BUILD)/libnora_edge_pre.a $(BUNDLE_HEADERS)
+	$(CXX) $(BUNDLE_CXXFLAGS) $(CXXFLAGS) -O2 $< $(BUNDLE_OBJ) $(BUILD)/libnora_edge_pre.a $(EDGE_LDLIBS) -o $@
 
 $(BUILD)/bundle-asan/%.o: src/edge/%.cpp $(BUNDLE_HEADERS)
 	@mkdir -p $(@D)

@@ -1,6 +1,6 @@
 # mk/edge.mk — libnora_edge, the firmware runtime (include/nora_edge.h; included by kernels/Makefile).
 #
-#   make -C kernels edge        $(BUILD)/libnora_edge.so + $(BUILD)/libnora_edge.a from $(EDGE_C_SRC)
+#   make -C kernels edge        $(BUILD)/libnora_edge_pre.so + $(BUILD)/libnora_edge_pre.a from $(EDGE_C_SRC)
 #                               (C only for now: preprocessing + the last-error machinery; no external deps)
 #   make -C kernels asan-edge CASES=<file>   tools/pre_check.c + the edge sources under AddressSanitizer + UBSan
 #                               (-fno-sanitize-recover=all, leak check) run on a case list written by
@@ -19,16 +19,16 @@ CASES ?=
 EDGE_DEFS ?=
 
 .PHONY: edge asan-edge check-edge
-edge: $(BUILD)/libnora_edge.so $(BUILD)/libnora_edge.a
+edge: $(BUILD)/libnora_edge_pre.so $(BUILD)/libnora_edge_pre.a
 
 $(BUILD)/edge/%.o: src/edge/%.c $(EDGE_HEADERS)
 	@mkdir -p $(@D)
 	$(CC) $(BASEFLAGS) $(CFLAGS) $(EDGE_DEFS) -c $< -o $@
 
-$(BUILD)/libnora_edge.so: $(EDGE_OBJ)
+$(BUILD)/libnora_edge_pre.so: $(EDGE_OBJ)
 	$(CC) -shared -o $@ $^ $(EDGE_LDLIBS)
 
-$(BUILD)/libnora_edge.a: $(EDGE_OBJ)
+$(BUILD)/libnora_edge_pre.a: $(EDGE_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/edge-asan/%.o: src/edge/%.c $(EDGE_HEADERS)
@@ -38,8 +38,8 @@ $(BUILD)/edge-asan/%.o: src/edge/%.c $(EDGE_HEADERS)
 $(BUILD)/edge-asan/pre_check: tools/pre_check.c $(EDGE_ASAN_OBJ) include/nora_edge.h
 	$(CC) -std=c11 $(WARN) -ffp-contract=off $(ASAN_FLAGS) -Iinclude $< $(filter %.o,$^) $(EDGE_LDLIBS) -o $@
 
-$(BUILD)/edge/pre_check: tools/pre_check.c $(BUILD)/libnora_edge.a include/nora_edge.h
-	$(CC) -std=c11 $(WARN) -ffp-contract=off $(CFLAGS) -Iinclude $< $(BUILD)/libnora_edge.a $(EDGE_LDLIBS) -o $@
+$(BUILD)/edge/pre_check: tools/pre_check.c $(BUILD)/libnora_edge_pre.a include/nora_edge.h
+	$(CC) -std=c11 $(WARN) -ffp-contract=off $(CFLAGS) -Iinclude $< $(BUILD)/libnora_edge_pre.a $(EDGE_LDLIBS) -o $@
 
 asan-edge: $(BUILD)/edge-asan/pre_check
 	$(ASAN_ENV) $(BUILD)/edge-asan/pre_check $(CASES)

@@ -65,34 +65,42 @@ int nora_fast_select(const nora_fast_ctx* ctx, int batch, const float* logits, i
   return NORA_FAST_OK;
 }
 
-int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
-                     const int32_t* lengths, int program, float* actions, int32_t* coeffs, int32_t* status,
-                     int32_t* error_pos) {
-  int rc = check_common(ctx, batch, "nora_fast_decode");
+/* decode into float32 (actions) or float64 (actions64) outputs; `name` names the public call in messages */
+static int decode_into(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
+                       const int32_t* lengths, int program, float* actions, double* actions64, int32_t* coeffs,
+                       int32_t* status, int32_t* error_pos, const char* name) {
+  int rc = check_common(ctx, batch, name);
   if (rc) return rc;
   const nf_view* v = &ctx->host;
   if (batch > 0 && (!ids || !lengths || !status))
-    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_decode: NULL ids, lengths or status");
+    return nf_fail(NORA_FAST_E_ARGUMENT, "%s: NULL ids, lengths or status", name);
   if (program < -1 || program >= v->n_programs)
-    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_decode: program %d outside [-1, %d)", program, v->n_programs);
+    return nf_fail(NORA_FAST_E_ARGUMENT, "%s: program %d outside [-1, %d)", name, program, v->n_programs);
   for (int b = 0; b < batch; ++b)
     if (lengths[b] < 0 || lengths[b] > id_stride)
-      return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_decode: lengths[%d] = %d outside [0, id_stride %lld]", b,
+      return nf_fail(NORA_FAST_E_ARGUMENT, "%s: lengths[%d] = %d outside [0, id_stride %lld]", name, b,
                      lengths[b], (long long)id_stride);
   int32_t total = v->total;
   int32_t* tmp = (int32_t*)malloc((size_t)total * sizeof(int32_t));
-  if (!tmp) return nf_fail(NORA_FAST_E_NO_MEMORY, "nora_fast_decode: out of memory");
+  if (!tmp) return nf_fail(NORA_FAST_E_NO_MEMORY, "%s: out of memory", name);
   int failed = 0;
   for (int b = 0; b < batch; ++b) {
     int32_t pos = -1;
     int32_t st = nf_decode_seq(v, ids + (int64_t)b * id_stride, lengths[b], tmp, &pos);
     float* act = actions ? actions + (int64_t)b * total : NULL;
-    if (st == NORA_FAST_SEQ_OK && act) {
+    double* act64 = actions64 ? actions64 + (int64_t)b * total : NULL;
+    if (st == NORA_FAST_SEQ_OK && (act || act64)) {
       for (int32_t t = 0; t < v->T && st == NORA_FAST_SEQ_OK; ++t) {
         for (int32_t d = 0; d < v->D; ++d) {
-          float x = (float)nf_action(v, tmp, t, d, program);
-          act[t * v->D + d] = x;
-          if (!isfinite(x)) st = NORA_FAST_SEQ_NOT_FINITE;
+          double x = nf_action(v, tmp, t, d, program);
+          if (act) {
+            float xf = (float)x;
+            act[t * v->D + d] = xf;
+            if (!isfinite(xf)) st = NORA_FAST_SEQ_NOT_FINITE;
+          } else {
+            act64[t * v->D + d] = x;
+            if (!isfinite(x)) st = NORA_FAST_SEQ_NOT_FINITE;
+          }
         }
       }
     }
@@ -100,6 +108,8 @@ int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const int32_t* ids, in
       ++failed;
       if (act)
         for (int32_t i = 0; i < total; ++i) act[i] = NAN;
+      if (act64)
+        for (int32_t i = 0; i < total; ++i) act64[i] = NAN;
     }
     if (coeffs) {
       int32_t* c = coeffs + (int64_t)b * total;
@@ -111,7 +121,21 @@ int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const int32_t* ids, in
   }
   free(tmp);
   if (failed)
-    return nf_fail(NORA_FAST_E_ROWS, "nora_fast_decode: %d of %d sequences failed (see status)", failed, batch);
+    return nf_fail(NORA_FAST_E_ROWS, "%s: %d of %d sequences failed (see status)", name, failed, batch);
   nf_ok();
   return NORA_FAST_OK;
+}
+
+int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
+                     const int32_t* lengths, int program, float* actions, int32_t* coeffs, int32_t* status,
+                     int32_t* error_pos) {
+  return decode_into(ctx, batch, ids, id_stride, lengths, program, actions, NULL, coeffs, status, error_pos,
+                     "nora_fast_decode");
+}
+
+int nora_fast_decode_f64(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
+                         const int32_t* lengths, int program, double* actions, int32_t* coeffs, int32_t* status,
+                         int32_t* error_pos) {
+  return decode_into(ctx, batch, ids, id_stride, lengths, program, NULL, actions, coeffs, status, error_pos,
+                     "nora_fast_decode_f64");
 }

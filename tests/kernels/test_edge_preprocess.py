@@ -1,7 +1,7 @@
 """libnora_edge's nora_edge_preprocess (kernels/src/edge/preprocess.c) against the numpy path and Pillow + HF.
 
 Data flow:
-  ``make -C kernels edge BUILD=<tmp>`` --> libnora_edge.so --nora_edge.edge_lib.reload--> preprocess_image(backend=
+  ``make -C kernels edge BUILD=<tmp>`` --> libnora_edge_pre.so --nora_edge.edge_lib.reload--> preprocess_image(backend=
   "c") ; the same frame --preprocess_image(backend="numpy")--> and --PIL resize (qwen-vl-utils' Pillow default
   filter) + transformers' Qwen2VLImageProcessorPil--> the independent reference; all three compared BITWISE
   (float32 bit patterns), frames counted.
@@ -41,7 +41,7 @@ def edge_build(tmp_path_factory):
     build = tmp_path_factory.mktemp("edge_build")
     r = make("edge", build)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert edge_lib.reload(build / "libnora_edge.so"), edge_lib.unavailable_reason()
+    assert edge_lib.reload(build / "libnora_edge_pre.so"), edge_lib.unavailable_reason()
     yield build
     edge_lib.reload()
 
@@ -126,7 +126,7 @@ def test_auto_backend_and_fallbacks(edge_build):
 
 def test_bad_calls_return_input_error_and_write_nothing(edge_build):
     """Raw ABI calls with bad values: status 1 (NORA_EDGE_ERR_INPUT), a message naming the value, out untouched."""
-    lib = ctypes.CDLL(str(edge_build / "libnora_edge.so"))
+    lib = ctypes.CDLL(str(edge_build / "libnora_edge_pre.so"))
     lib.nora_edge_last_error.restype = ctypes.c_char_p
     lib.nora_edge_preprocess.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_size_t,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]  # fmt: skip
@@ -174,7 +174,7 @@ def test_missing_library_warns_once_and_numpy_runs(tmp_path):
         "import warnings, numpy as np\n"
         "from pathlib import Path\n"
         "import nora_edge.edge_lib as e\n"
-        "e._LIB.packaged = e._LIB.repo = Path('/nonexistent/libnora_edge.so')\n"
+        "e._LIB.packaged = e._LIB.repo = Path('/nonexistent/libnora_edge_pre.so')\n"
         "from nora_edge.preprocess import preprocess_image\n"
         "img = np.arange(30 * 40 * 3, dtype=np.uint8).reshape(30, 40, 3)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
@@ -204,7 +204,7 @@ def test_portable_loops_bitwise(edge_build, tmp_path):
     every frame of the main test."""
     r = make("edge", tmp_path / "build", "EDGE_DEFS=-DNORA_EDGE_NO_SIMD")
     assert r.returncode == 0 and "-DNORA_EDGE_NO_SIMD" in r.stdout, (r.stdout + r.stderr)[-4000:]
-    assert edge_lib.reload(tmp_path / "build" / "libnora_edge.so"), edge_lib.unavailable_reason()
+    assert edge_lib.reload(tmp_path / "build" / "libnora_edge_pre.so"), edge_lib.unavailable_reason()
     compared = 0
     try:
         for name, image, th, tw in frames():
@@ -213,7 +213,7 @@ def test_portable_loops_bitwise(edge_build, tmp_path):
             assert np.array_equal(bits(got), bits(preprocess_image(image, spec, backend="numpy")[0])), name
             compared += 1
     finally:
-        edge_lib.reload(edge_build / "libnora_edge.so")
+        edge_lib.reload(edge_build / "libnora_edge_pre.so")
     assert compared >= MIN_FRAMES
 
 

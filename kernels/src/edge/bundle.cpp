@@ -322,6 +322,7 @@ Bundle Bundle::load(const std::string &dir_in, bool verify_hashes) {
             PostStep s;
             s.op = req_str(pp[i], "op", w);
             if (pp[i].contains("key") && !pp[i].at("key").is_null()) s.key = req_str(pp[i], "key", w);
+            if (pp[i].contains("mode") && !pp[i].at("mode").is_null()) s.mode = req_str(pp[i], "mode", w);
             if (!s.key.empty() && !ns.contains(s.key))
                 fail(mpath + ": postprocess: step " + std::to_string(i + 1) + " names unnorm key '" + s.key +
                      "', not in norm_stats");

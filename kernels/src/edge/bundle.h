@@ -111,6 +111,7 @@ struct CodecInfo {
 
 struct PostStep {
     std::string op, key;                  /* key "" = none / null */
+    std::string mode;                     /* unnormalize's mode ("q01_q99", ...); "" when absent */
 };
 
 struct Bundle {

@@ -1,0 +1,116 @@
+/* policy_impl.h: the nora_policy object behind nora_edge.h's policy calls (internal C++17).
+ *
+ * Data flow of create (nora_edge/policy.py NoraPolicy.load): Bundle::load (bundle.h: manifest, sizes, optional
+ * sha256) -> fixed-buffer decoder and fixed-grid vision graph required -> Npy embeddings (memory-mapped),
+ * Tokenizer, PromptBuilder (forbidden ids: the tokenizer's added tokens + the action range, as Python) ->
+ * onnxruntime (dlopen) sessions for both graphs -> libnora_fast context from codec/native/ -> every buffer a
+ * chunk needs allocated once (KV (2 * layers, kv_heads, max_len, head_dim), embeddings (max_len, H), logits,
+ * ids, positions, masks) -> the prompt prefix prefilled into KV slots [0, P).
+ * A step (policy_step.cpp) then only writes into these buffers.
+ */
+#ifndef NORA_EDGE_POLICY_IMPL_H
+#define NORA_EDGE_POLICY_IMPL_H
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "edge/bundle.h"
+#include "edge/prompt.h"
+#include "edge/tokenizer.h"
+#include "nora_edge.h"
+#include "nora_fast.h"
+extern "C" {
+#include "ort/ort_run.h"  /* a C header without extern "C" guards */
+}
+
+namespace nora_edge {
+
+/* Decoder KV layouts (components.decoder.meta.kv_cache; nora_edge/static_kv.py) */
+enum class KvLayout { Shared, Static };
+
+struct OrtDeleter {
+    void operator()(nora_ort *p) const { nora_ort_close(p); }
+};
+struct GraphDeleter {
+    void operator()(nora_graph *p) const { nora_graph_close(p); }
+};
+struct FastDeleter {
+    void operator()(nora_fast_ctx *p) const { nora_fast_ctx_free(p); }
+};
+
+struct PolicyState {
+    Bundle bundle;
+    Npy embeddings;
+    Tokenizer tokenizer;
+    PromptBuilder prompt;
+    nora_policy_options options{};
+    std::unique_ptr<nora_ort, OrtDeleter> ort;
+    std::unique_ptr<nora_graph, GraphDeleter> vision, decoder;
+    std::unique_ptr<nora_fast_ctx, FastDeleter> fast;
+    KvLayout layout = KvLayout::Shared;
+
+    /* shapes */
+    int64_t layers = 0, kv_heads = 0, head_dim = 0, hidden = 0, max_len = 0, rows = 0;
+    int64_t vision_patches = 0, vision_features = 0, image_tokens = 0;
+    int32_t horizon = 0, action_dim = 0, max_tokens = 0;
+    int64_t prefix_len = 0;
+    std::vector<int64_t> head_rows;      /* (rows,) Qwen id of each logit row */
+    std::vector<int32_t> action_rows;    /* (V,) logit row of FAST id k (= base + k) */
+    std::vector<std::string> kv_in_names, kv_out_names;  /* (2 * layers,) key, value per layer */
+
+    /* buffers, allocated once */
+    std::vector<float> kv;               /* (2 * layers, kv_heads, max_len, head_dim) */
+    std::vector<float> pixels;           /* (patches, features) */
+    std::vector<float> image_embeds;     /* (image_tokens, hidden) */
+    std::vector<float> embeds;           /* (max_len, hidden) */
+    std::vector<float> logits;           /* (rows,) */
+    std::vector<int64_t> ids, positions; /* (max_len,), (3, max_len) */
+    std::vector<int64_t> step_positions; /* (3, max_len): a graph call's (3, 1, S) position input */
+    std::vector<int64_t> ones;           /* (max_len,) attention mask of ones */
+    std::vector<int64_t> cache_position; /* (max_len,) static layout's slots */
+    std::vector<int64_t> sorted_prompt;  /* (max_len,) for the repetition-penalty marks */
+    std::vector<uint8_t> seen;           /* (rows,) */
+    std::vector<int64_t> out_ids, top_ids;  /* (max_tokens,) */
+    std::vector<int32_t> classes, fast_ids; /* (max_tokens,) */
+    std::vector<double> chunk;           /* (T, D) the last step's actions before they are handed out */
+
+    /* select_action queue (NoraPolicy._queue) */
+    std::vector<double> queue;           /* (T, D) */
+    int32_t queue_next = 0, queue_rows = 0;
+    bool queue_has_key = false, queue_key_null = false;
+    std::string queue_instruction, queue_key;
+
+    std::mutex lock;
+
+    PolicyState(Bundle b, Npy e, Tokenizer t, PromptBuilder p)
+        : bundle(std::move(b)), embeddings(std::move(e)), tokenizer(std::move(t)), prompt(std::move(p)) {}
+};
+
+/* Run the decoder graph on `s` new tokens whose embeddings are embeds[0 : s) and whose positions are
+ * positions (3, s) row-major, written at KV slots [length, length + s); logits land in state.logits.
+ * Throws BundleError(NORA_EDGE_ERR_RUNTIME) naming the onnxruntime call, (INPUT) on KV overflow. */
+void decoder_forward(PolicyState &st, int64_t length, int64_t s, const int64_t *positions);
+
+/* One chunk into st.chunk / out_ids / classes (policy_step.cpp). Throws BundleError with the status. */
+struct StepResult {
+    int32_t num_tokens = 0;
+    int32_t class_counts[3] = {0, 0, 0};
+    int64_t prompt_tokens = 0;
+    double preprocess_s = 0, vision_s = 0, prefill_s = 0, decode_s = 0, detokenize_s = 0, total_s = 0;
+    double step_min_s = 0, step_max_s = 0;
+    bool refused = false;                /* the REFUSE rule refused it: message in `why` */
+    std::string why;
+};
+StepResult run_chunk(PolicyState &st, const uint8_t *rgb, int32_t height, int32_t width, size_t stride,
+                     const char *instruction, const char *unnorm_key);
+
+}  // namespace nora_edge
+
+struct nora_policy {
+    std::unique_ptr<nora_edge::PolicyState> state;
+};
+
+#endif /* NORA_EDGE_POLICY_IMPL_H */

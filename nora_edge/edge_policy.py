@@ -1,0 +1,265 @@
+"""libnora_edge's policy object from Python (ctypes over ``kernels/include/nora_edge.h``): the C runtime that
+firmware links, driven from Python for parity tests and side-by-side benchmarks.
+
+Data flow: ``EdgePolicy.load(bundle, onnxruntime=...)`` --nora_policy_create (bundle verified, both graphs opened
+through the given libonnxruntime, prompt prefix prefilled)--> ``step(frame, instruction, unnorm_key)``
+--nora_policy_step--> :class:`EdgeChunk` (actions (T, D) float64, generated ids, token classes, timings);
+``select_action`` / ``reset`` mirror :class:`nora_edge.policy.NoraPolicy`'s queue. A non-OK status raises the
+Python runtime's exception for it (InputError, BundleError, DetokenizationError, ForcedTokenError) with the
+library's message.
+
+The library: ``kernels/build/libnora_edge.so`` (``make -C kernels runtime``) or an explicit path; onnxruntime: the
+pip wheel's ``onnxruntime/capi/libonnxruntime.so.1.*`` by default (:func:`wheel_onnxruntime`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nora_edge.errors import BundleError, DetokenizationError, ForcedTokenError, InputError
+from nora_edge.generate import TOKEN_CLASSES
+
+REPO_LIB = Path(__file__).resolve().parent.parent / "kernels" / "build" / "libnora_edge.so"
+STATUS = ("ok", "input", "bundle", "detokenize", "forced", "unsupported", "runtime", "nomem")
+
+
+class EdgeRuntimeError(RuntimeError):
+    """libnora_edge could not load, or returned unsupported / runtime / out-of-memory."""
+
+    def __init__(self, message: str, status: str = "runtime") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Options(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("onnxruntime_path", ctypes.c_char_p),
+        ("threads", ctypes.c_int32),
+        ("verify_hashes", ctypes.c_int32),
+        ("forced_tokens", ctypes.c_int32),
+        ("max_repaired", ctypes.c_int32),
+    ]
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("time_horizon", ctypes.c_int32),
+        ("action_dim", ctypes.c_int32),
+        ("max_tokens", ctypes.c_int32),
+        ("num_unnorm_keys", ctypes.c_int32),
+        ("prefix_tokens", ctypes.c_int32),
+        ("max_len", ctypes.c_int32),
+        ("onnxruntime_version", ctypes.c_char * 32),
+    ]
+
+
+class _ChunkInfo(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("num_tokens", ctypes.c_int32),
+        ("class_counts", ctypes.c_int32 * 3),
+        ("flagged", ctypes.c_int32),
+        ("prompt_tokens", ctypes.c_int32),
+        *[
+            (n, ctypes.c_double)
+            for n in ("preprocess_s", "vision_s", "prefill_s", "decode_s", "detokenize_s", "total_s")
+        ],
+        ("decode_step_min_s", ctypes.c_double),
+        ("decode_step_max_s", ctypes.c_double),
+    ]
+
+
+_P = ctypes.c_void_p
+_FRAME = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p]
+_SIGNATURES = {
+    "nora_edge_last_error": (ctypes.c_char_p, []),
+    "nora_policy_options_init": (None, [ctypes.POINTER(_Options)]),
+    "nora_policy_create": (ctypes.c_int, [ctypes.c_char_p, ctypes.POINTER(_Options), ctypes.POINTER(_P)]),
+    "nora_policy_destroy": (None, [_P]),
+    "nora_policy_get_info": (ctypes.c_int, [_P, ctypes.POINTER(_Info)]),
+    "nora_policy_step": (
+        ctypes.c_int,
+        [
+            _P,
+            *_FRAME,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.POINTER(_ChunkInfo),
+        ],
+    ),  # fmt: skip
+    "nora_policy_select_action": (
+        ctypes.c_int,
+        [_P, *_FRAME, ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int32)],
+    ),
+    "nora_policy_reset": (ctypes.c_int, [_P]),
+}
+
+
+def wheel_onnxruntime() -> Path:
+    """The onnxruntime pip wheel's shared library (what libnora_edge dlopens by default here)."""
+    import onnxruntime
+
+    libs = sorted((Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so.1*"))
+    if not libs:
+        raise EdgeRuntimeError("the onnxruntime wheel ships no capi/libonnxruntime.so.1.*")
+    return libs[-1]
+
+
+def load_library(path: str | Path | None = None) -> ctypes.CDLL:
+    """libnora_edge.so with its policy signatures declared (``path`` None: the dev tree's build)."""
+    p = Path(path) if path is not None else REPO_LIB
+    try:
+        lib = ctypes.CDLL(str(p))
+        for name, (res, args) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+    except (OSError, AttributeError) as e:
+        raise EdgeRuntimeError(f"{p}: not a loadable libnora_edge with the policy object ({e})") from e
+    return lib
+
+
+@dataclass(frozen=True)
+class EdgeChunk:
+    """One ``nora_policy_step``.
+
+    Attributes:
+        actions: (T, D) float64 in robot units.
+        ids: (N,) int64 generated Qwen ids.
+        token_classes: (N,) names from ``nora_edge.generate.TOKEN_CLASSES``.
+        flagged: a token was not the model's own choice.
+        timings: seconds per stage (preprocess, vision, prefill, decode, detokenize, total, decode_step_min/max).
+    """
+
+    actions: np.ndarray
+    ids: np.ndarray
+    token_classes: tuple[str, ...]
+    flagged: bool
+    timings: dict
+
+
+class EdgePolicy:
+    """A bundle run by libnora_edge (``nora_policy_*``); close() (or ``with``) destroys it."""
+
+    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p) -> None:
+        self.lib, self._h = lib, handle
+        info = _Info(struct_size=ctypes.sizeof(_Info))
+        self._check(lib.nora_policy_get_info(handle, ctypes.byref(info)))
+        self.time_horizon, self.action_dim = info.time_horizon, info.action_dim
+        self.max_tokens, self.prefix_tokens, self.max_len = info.max_tokens, info.prefix_tokens, info.max_len
+        self.onnxruntime_version = info.onnxruntime_version.decode()
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path,
+        *,
+        library: str | Path | None = None,
+        onnxruntime: str | Path | None = None,
+        threads: int = 0,
+        verify: bool = False,
+        forced_tokens: str = "raise",
+        max_repaired: int = 0,
+    ) -> EdgePolicy:
+        """nora_policy_create; ``forced_tokens`` "raise" / "flag" as :class:`nora_edge.policy.NoraPolicy`."""
+        if forced_tokens not in ("raise", "flag"):
+            raise InputError(f"forced_tokens must be 'raise' or 'flag', got {forced_tokens!r}")
+        lib = load_library(library)
+        opts = _Options()
+        lib.nora_policy_options_init(ctypes.byref(opts))
+        opts.onnxruntime_path = str(onnxruntime or wheel_onnxruntime()).encode()
+        opts.threads, opts.verify_hashes = threads, int(verify)
+        opts.forced_tokens, opts.max_repaired = int(forced_tokens == "flag"), max_repaired
+        h = ctypes.c_void_p()
+        _raise(lib, lib.nora_policy_create(str(bundle).encode(), ctypes.byref(opts), ctypes.byref(h)))
+        return cls(lib, h)
+
+    def _check(self, rc: int) -> None:
+        _raise(self.lib, rc)
+
+    def _handle(self) -> ctypes.c_void_p:
+        if not self._h:
+            raise InputError("this EdgePolicy was closed")
+        return self._h
+
+    def step(self, image: np.ndarray, instruction: str, unnorm_key: str | None = None) -> EdgeChunk:
+        """One chunk (``NoraPolicy.run_chunk``); image (H, W, 3) uint8, rows may be strided."""
+        img, args = _frame(image, instruction, unnorm_key)
+        acts = np.empty((self.time_horizon, self.action_dim), np.float64)
+        ids = np.zeros(self.max_tokens, np.int64)
+        cls = np.zeros(self.max_tokens, np.int32)
+        info = _ChunkInfo(struct_size=ctypes.sizeof(_ChunkInfo))
+        rc = self.lib.nora_policy_step(
+            self._handle(), *args, acts.ctypes.data, acts.size, ids.ctypes.data, cls.ctypes.data, ids.size,
+            ctypes.byref(info),
+        )  # fmt: skip
+        del img
+        self._check(rc)
+        n = info.num_tokens
+        timings = {k: getattr(info, k) for k, _ in _ChunkInfo._fields_ if k.endswith("_s")}
+        return EdgeChunk(
+            acts, ids[:n].copy(), tuple(TOKEN_CLASSES[c] for c in cls[:n]), bool(info.flagged), timings
+        )
+
+    def select_action(self, image: np.ndarray, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
+        """Next (D,) action from the queue (``NoraPolicy.select_action``)."""
+        img, args = _frame(image, instruction, unnorm_key)
+        out = np.empty(self.action_dim, np.float64)
+        new = ctypes.c_int32(0)
+        rc = self.lib.nora_policy_select_action(
+            self._handle(), *args, out.ctypes.data, out.size, ctypes.byref(new)
+        )
+        del img
+        self._check(rc)
+        return out
+
+    def reset(self) -> None:
+        self._check(self.lib.nora_policy_reset(self._handle()))
+
+    def close(self) -> None:
+        if self._h:
+            self.lib.nora_policy_destroy(self._h)
+            self._h = ctypes.c_void_p()
+
+    def __enter__(self) -> EdgePolicy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _frame(image: np.ndarray, instruction: str, unnorm_key: str | None) -> tuple[np.ndarray, list]:
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise InputError(f"image must be (H, W, 3) uint8, got {img.dtype} {img.shape}")
+    if img.strides[2] != 1 or img.strides[1] != 3 or img.strides[0] < 3 * img.shape[1]:
+        img = np.ascontiguousarray(img)
+    key = None if unnorm_key is None else unnorm_key.encode()
+    return img, [img.ctypes.data, img.shape[0], img.shape[1], img.strides[0], instruction.encode(), key]
+
+
+def _raise(lib: ctypes.CDLL, rc: int) -> None:
+    if rc == 0:
+        return
+    msg = lib.nora_edge_last_error().decode(errors="replace")
+    status = STATUS[rc] if 0 <= rc < len(STATUS) else f"status {rc}"
+    if status == "input":
+        raise InputError(msg)
+    if status == "bundle":
+        raise BundleError(msg)
+    if status == "detokenize":
+        raise DetokenizationError(msg)
+    if status == "forced":
+        raise ForcedTokenError(msg, ids=None, token_classes=(), step=-1, output=None)
+    raise EdgeRuntimeError(f"libnora_edge: {status}: {msg}", status)
