@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: kernels bench-kernels bench-edge-preprocess bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
+.PHONY: kernels bench-kernels bench-edge-preprocess bench-edge-policy bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
 
 # system packages: libosmesa6 renders MetaWorld offscreen on the CPU (the sim extra); apt runs only when missing
 APT_PACKAGES := libosmesa6
@@ -120,6 +120,16 @@ bench-kernels: $(STAMP) kernels
 bench-edge-preprocess: $(STAMP) kernels
 	command -v valgrind >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind)
 	$(PY) -m nora_edge.bench.edge_preprocess_bench --out $(OUT)/edge-preprocess-bench
+
+# --- libnora_edge vs the Python runtime: one chunk side by side on the medium fixture exported fused (~3 min)
+EDGE_BENCH := $(OUT)/edge-policy-bench
+bench-edge-policy: $(STAMP)
+	$(MAKE) -C kernels runtime
+	test -f $(EDGE_BENCH)/medium-fused/manifest.json || ( \
+	  $(VENV)/bin/nora-edge tiny $(EDGE_BENCH)/medium-ckpt --preset medium --horizon 5 --seed 0 && \
+	  $(VENV)/bin/nora-edge export $(EDGE_BENCH)/medium-ckpt --out $(EDGE_BENCH)/medium-fused \
+	    --decoder-graph fused --no-validate )
+	$(PY) -m nora_edge.bench.edge_policy_bench $(EDGE_BENCH)/medium-fused --out $(EDGE_BENCH)
 
 # --- decoder flavors: one decode step of the portable and fused exports vs onnxruntime-genai's builder output (node
 # counts, 1 and 2 threads, same-input diffs, per-op profile); medium fixture + a real-dimension 4-layer slice:

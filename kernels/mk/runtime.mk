@@ -47,3 +47,15 @@ $(BUILD)/runtime-asan/ort_run.o: $(ORT_SRC) $(ORT_HDR)
 	$(CC) $(BASEFLAGS) $(ASAN_FLAGS) -Isrc/ort -I$(ORT_INC) -c $< -o $@
 
 policy-check: $(BUILD)/runtime/policy_check
+
+# the whole runtime under AddressSanitizer + UBSan, linked into examples/run_bundle.c (the tests run it on a bundle;
+# onnxruntime itself is not instrumented: it is dlopen'ed, and LeakSanitizer reports only what our code allocated)
+RUNTIME_ASAN_ALL_OBJ = $(RUNTIME_ASAN_OBJ) $(EDGE_ASAN_OBJ) $(BUNDLE_ASAN_OBJ) $(TOK_ASAN_OBJ) $(PROMPT_ASAN_OBJ) \
+  $(BUILD)/asan/context.o $(BUILD)/asan/fast_cpu.o $(BUILD)/asan/cuda_stub.o
+.PHONY: run-bundle-asan
+$(BUILD)/runtime-asan/run_bundle: examples/run_bundle.c $(RUNTIME_ASAN_ALL_OBJ) include/nora_edge.h
+	@mkdir -p $(@D)
+	$(CC) -std=c11 $(ASAN_FLAGS) -Iinclude $(EXAMPLES_PNG_CFLAGS) -c $< -o $(BUILD)/runtime-asan/run_bundle.o
+	$(CXX) $(ASAN_FLAGS) $(BUILD)/runtime-asan/run_bundle.o $(RUNTIME_ASAN_ALL_OBJ) $(RUNTIME_LDLIBS) \
+	  $(EXAMPLES_PNG_LIBS) -o $@
+run-bundle-asan: $(BUILD)/runtime-asan/run_bundle

@@ -219,3 +219,43 @@ def test_medium_bundles_equal_the_python_runtime(edge_runtime, medium_ckpt, tmp_
     py = NoraPolicy.load(b, threads=1, forced_tokens="flag")
     n = compare(edge, py, held_out_pairs(N_PAIRS, seed=53))
     assert n["pairs"] == N_PAIRS
+
+
+@pytest.mark.slow
+def test_run_bundle_is_clean_under_asan_and_ubsan(fused_trained_bundle, tmp_path):
+    """The whole runtime (every libnora_edge and libnora_fast source) under AddressSanitizer + UBSan with leak
+    checks, linked into examples/run_bundle.c: one chunk with sha256 verification, and three refusals."""
+    from PIL import Image
+
+    from nora_edge.edge_policy import wheel_onnxruntime
+
+    build = tmp_path / "b"
+    r = subprocess.run(
+        ["make", "-C", str(KERNELS), "run-bundle-asan", f"BUILD={build}", "-j2"],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    image, text = held_out_pairs(1, seed=59)[0]
+    Image.fromarray(image).save(tmp_path / "f.ppm")
+    env = {
+        "ASAN_OPTIONS": "detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1",
+        "PATH": "/usr/bin",
+    }
+    base = [str(build / "runtime-asan" / "run_bundle"), str(fused_trained_bundle), str(tmp_path / "f.ppm")]
+    base += ["--ort", str(wheel_onnxruntime())]
+    runs = {
+        "chunk": (base + ["--instruction", text, "--verify"], 0, ""),
+        "unknown key": (base + ["--instruction", text, "--unnorm-key", "nope"], 1, "unknown unnorm_key"),
+        "empty instruction": (base + ["--instruction", "  "], 1, "instruction is empty"),
+        "missing bundle": (
+            [base[0], str(tmp_path / "none"), *base[2:], "--instruction", text],
+            1,
+            "not found",
+        ),
+    }
+    for name, (cmd, rc, msg) in runs.items():
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == rc, (name, p.stderr[-3000:])
+        assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, (name, p.stderr[-3000:])
+        assert msg in p.stderr, (name, p.stderr[-500:])
+    assert len(runs) == 4

@@ -143,7 +143,7 @@ void open_graphs(PolicyState &st) {
 
 void allocate(PolicyState &st) {
     const size_t L = (size_t)st.max_len;
-    st.kv.assign((size_t)(2 * st.layers * st.kv_heads * st.head_dim) * L, 0.0f);
+    st.kv.assign((size_t)(2 * st.layers) * kv_buffer_stride(st), 0.0f);
     st.pixels.resize((size_t)(st.vision_patches * st.vision_features));
     st.image_embeds.resize((size_t)(st.image_tokens * st.hidden));
     st.embeds.resize(L * (size_t)st.hidden);

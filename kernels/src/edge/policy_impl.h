@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -27,6 +28,28 @@ extern "C" {
 }
 
 namespace nora_edge {
+
+/* 64-byte aligned storage for the buffers onnxruntime reads and writes (its own allocator aligns to 64; the
+ * decoder's KV in malloc'd memory, 16 bytes past a page start, ran its decode step ~3% slower) */
+template <class T>
+struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <class U>
+    Aligned64(const Aligned64<U> &) noexcept {}
+    T *allocate(std::size_t n) {
+        if (n > (std::size_t)-1 / sizeof(T) - 64) throw std::bad_alloc();
+        void *p = ::operator new(n * sizeof(T), std::align_val_t(64));
+        return static_cast<T *>(p);
+    }
+    void deallocate(T *p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+    template <class U>
+    bool operator==(const Aligned64<U> &) const noexcept { return true; }
+    template <class U>
+    bool operator!=(const Aligned64<U> &) const noexcept { return false; }
+};
+template <class T>
+using AVec = std::vector<T, Aligned64<T>>;
 
 /* Decoder KV layouts (components.decoder.meta.kv_cache; nora_edge/static_kv.py) */
 enum class KvLayout { Shared, Static };
@@ -62,15 +85,15 @@ struct PolicyState {
     std::vector<std::string> kv_in_names, kv_out_names;  /* (2 * layers,) key, value per layer */
 
     /* buffers, allocated once */
-    std::vector<float> kv;               /* (2 * layers, kv_heads, max_len, head_dim) */
-    std::vector<float> pixels;           /* (patches, features) */
-    std::vector<float> image_embeds;     /* (image_tokens, hidden) */
-    std::vector<float> embeds;           /* (max_len, hidden) */
-    std::vector<float> logits;           /* (rows,) */
-    std::vector<int64_t> ids, positions; /* (max_len,), (3, max_len) */
-    std::vector<int64_t> step_positions; /* (3, max_len): a graph call's (3, 1, S) position input */
-    std::vector<int64_t> ones;           /* (max_len,) attention mask of ones */
-    std::vector<int64_t> cache_position; /* (max_len,) static layout's slots */
+    AVec<float> kv;               /* (2 * layers, kv_heads, max_len, head_dim) */
+    AVec<float> pixels;           /* (patches, features) */
+    AVec<float> image_embeds;     /* (image_tokens, hidden) */
+    AVec<float> embeds;           /* (max_len, hidden) */
+    AVec<float> logits;           /* (rows,) */
+    AVec<int64_t> ids, positions; /* (max_len,), (3, max_len) */
+    AVec<int64_t> step_positions; /* (3, max_len): a graph call's (3, 1, S) position input */
+    AVec<int64_t> ones;           /* (max_len,) attention mask of ones */
+    AVec<int64_t> cache_position; /* (max_len,) static layout's slots */
     std::vector<int64_t> sorted_prompt;  /* (max_len,) for the repetition-penalty marks */
     std::vector<uint8_t> seen;           /* (rows,) */
     std::vector<int64_t> out_ids, top_ids;  /* (max_tokens,) */
@@ -88,6 +111,12 @@ struct PolicyState {
     PolicyState(Bundle b, Npy e, Tokenizer t, PromptBuilder p)
         : bundle(std::move(b)), embeddings(std::move(e)), tokenizer(std::move(t)), prompt(std::move(p)) {}
 };
+
+/* Floats between the starts of two KV buffers in PolicyState::kv: one buffer plus 64 bytes times an odd count, so
+ * the 2 * layers buffers (each a multiple of 4 KiB) do not all start at the same offset modulo 4 KiB. */
+inline size_t kv_buffer_stride(const PolicyState &st) {
+    return (size_t)(st.kv_heads * st.max_len * st.head_dim) + 16 * 3;
+}
 
 /* Run the decoder graph on `s` new tokens whose embeddings are embeds[0 : s) and whose positions are
  * positions (3, s) row-major, written at KV slots [length, length + s); logits land in state.logits.

@@ -115,7 +115,7 @@ void decoder_forward(PolicyState &st, int64_t length, int64_t s, const int64_t *
     const int64_t emb_shape[3] = {1, s, st.hidden}, pos_shape[3] = {3, 1, s};
     const int64_t mask_shape[2] = {1, length + s}, cpos_shape[1] = {s};
     const int64_t kv_shape[4] = {1, st.kv_heads, st.max_len, st.head_dim}, logit_shape[2] = {1, st.rows};
-    const size_t kv_floats = (size_t)(st.kv_heads * st.max_len * st.head_dim);
+    const size_t kv_stride = kv_buffer_stride(st);
     nora_tensor in[3 + 2 * 64], out[1 + 2 * 64];
     if (L > 64) fail(NORA_EDGE_ERR_UNSUPPORTED, "decoder graphs with more than 64 layers");
     in[0] = tensor("inputs_embeds", st.embeds.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, emb_shape, 3);
@@ -128,7 +128,7 @@ void decoder_forward(PolicyState &st, int64_t length, int64_t s, const int64_t *
     }
     out[0] = tensor("logits", st.logits.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, logit_shape, 2);
     for (size_t j = 0; j < 2 * L; j++) {  /* past and present on the same buffer: written in place */
-        float *buf = st.kv.data() + j * kv_floats;
+        float *buf = st.kv.data() + j * kv_stride;
         in[3 + j] = tensor(st.kv_in_names[j].c_str(), buf, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kv_shape, 4);
         out[1 + j] = tensor(st.kv_out_names[j].c_str(), buf, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kv_shape, 4);
     }

@@ -109,6 +109,12 @@ int nora_graph_open(nora_ort *o, const char *onnx_path, int threads, nora_graph 
     if (!rc) rc = check(api, api->SetInterOpNumThreads(so, 1), "SetInterOpNumThreads", err, errlen);
     if (!rc) rc = check(api, api->SetSessionGraphOptimizationLevel(so, ORT_ENABLE_ALL), "SetOptimizationLevel", err,
                         errlen);
+    /* no idle spinning of the thread pools (the Python runtime's default too: a robot computer runs control loops
+     * beside the policy) */
+    if (!rc) rc = check(api, api->AddSessionConfigEntry(so, "session.intra_op.allow_spinning", "0"),
+                        "AddSessionConfigEntry", err, errlen);
+    if (!rc) rc = check(api, api->AddSessionConfigEntry(so, "session.inter_op.allow_spinning", "0"),
+                        "AddSessionConfigEntry", err, errlen);
     if (!rc) rc = check(api, api->CreateSession(o->env, onnx_path, so, &g->session), "CreateSession", err, errlen);
     if (!rc) rc = check(api, api->CreateRunOptions(&g->run), "CreateRunOptions", err, errlen);
     if (so) api->ReleaseSessionOptions(so);
