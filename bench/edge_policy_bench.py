@@ -78,7 +78,12 @@ def child_run(kind: str, bundle: str, library: str) -> dict:
         p.step(image, text)
     after = anon_rss_mb()
     p.close()
-    return {"kind": kind, "anon_rss_mb": after - before, "create_mb": created - before, "steps_mb": after - created}
+    return {
+        "kind": kind,
+        "anon_rss_mb": after - before,
+        "create_mb": created - before,
+        "steps_mb": after - created,
+    }
 
 
 def footprint(bundle: Path, library: Path) -> dict:
@@ -132,13 +137,21 @@ def run(bundle: Path, library: Path, rounds: int) -> dict:
                     samples[who][s].append(1e3 * got[s])
                 steps[who].append(1e3 * step)
         if ids_c.tolist() != ids_py.tolist():
-            raise InputError(f"round {i}: the C and Python runtimes generated different ids; not benchmarking")
+            raise InputError(
+                f"round {i}: the C and Python runtimes generated different ids; not benchmarking"
+            )
     stats = {who: {s: summarize(v) for s, v in st.items()} for who, st in samples.items()}
-    ratios = {s: stats["python"][s]["median"] / stats["c"][s]["median"] for s in STAGES if stats["c"][s]["median"]}
+    ratios = {
+        s: stats["python"][s]["median"] / stats["c"][s]["median"] for s in STAGES if stats["c"][s]["median"]
+    }
     return {
         "bundle": str(bundle),
         "rounds": rounds,
-        "host": {"machine": platform.machine(), "processor": platform.processor(), "onnxruntime": edge.onnxruntime_version},
+        "host": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "onnxruntime": edge.onnxruntime_version,
+        },
         "stages_ms": stats,
         "fastest_decode_step_ms": {who: float(min(v)) for who, v in steps.items()},
         "python_over_c": ratios,
