@@ -248,6 +248,7 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
         open_codec(st);
         open_graphs(st);
         allocate(st);
+        bind_decode_step(st);
         prefill_prefix(st);
     }, &args);
     if (rc != NORA_EDGE_OK) return rc;

@@ -60,6 +60,13 @@ struct OrtDeleter {
 struct GraphDeleter {
     void operator()(nora_graph *p) const { nora_graph_close(p); }
 };
+struct ValueDeleter {
+    void operator()(nora_value *p) const { nora_value_free(p); }
+};
+struct BindingDeleter {
+    void operator()(nora_binding *p) const { nora_binding_free(p); }
+};
+using Value = std::unique_ptr<nora_value, ValueDeleter>;
 struct FastDeleter {
     void operator()(nora_fast_ctx *p) const { nora_fast_ctx_free(p); }
 };
@@ -100,6 +107,13 @@ struct PolicyState {
     std::vector<int32_t> classes, fast_ids; /* (max_tokens,) */
     std::vector<double> chunk;           /* (T, D) the last step's actions before they are handed out */
 
+    /* the decode step's binding, made once (bind_decode_step): KV and logits bound for good; per token only the
+     * attention mask of the new length (one value per length, made at create) is rebound. Declared after the
+     * graphs and buffers it refers to, so it is destroyed first. */
+    std::vector<Value> kv_values, mask_values;
+    Value logits_value, step_embeds_value, step_pos_value, step_cpos_value;
+    std::unique_ptr<nora_binding, BindingDeleter> step_binding;
+
     /* select_action queue (NoraPolicy._queue) */
     std::vector<double> queue;           /* (T, D) */
     int32_t queue_next = 0, queue_rows = 0;
@@ -122,6 +136,13 @@ inline size_t kv_buffer_stride(const PolicyState &st) {
  * positions (3, s) row-major, written at KV slots [length, length + s); logits land in state.logits.
  * Throws BundleError(NORA_EDGE_ERR_RUNTIME) naming the onnxruntime call, (INPUT) on KV overflow. */
 void decoder_forward(PolicyState &st, int64_t length, int64_t s, const int64_t *positions);
+
+/* Create the decode step's values and binding (after every buffer has its final size). Throws BundleError. */
+void bind_decode_step(PolicyState &st);
+
+/* One decoder call for the generated token whose embedding is in embeds[0] and positions in step_positions[0:3],
+ * written at KV slot `index`, through the persistent binding (no allocation in this library). */
+void decoder_step(PolicyState &st, int64_t index);
 
 /* One chunk into st.chunk / out_ids / classes (policy_step.cpp). Throws BundleError with the status. */
 struct StepResult {

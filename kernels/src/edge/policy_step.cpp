@@ -8,8 +8,9 @@
  *   advance; token classes; one decoder step per token at slot `index`) -> FAST ids (the action range) ->
  *   nora_fast_decode_f64 (strict decode, float64 DCT-III, the bundle's post chain) -> (T, D) float64 ->
  *   forced-token rule (chunk.check_forced_tokens).
- * Hot path: everything lives in PolicyState's buffers, allocated at create; a step allocates nothing in this
- * file (onnxruntime's own per-run allocations are onnxruntime's; see kernels/README.md).
+ * Hot path: everything lives in PolicyState's buffers, allocated at create; a token rebinds the attention mask of
+ * its length (values made at create) on a binding made at create and runs it: no allocation in this library
+ * (onnxruntime's Run works in its own arena). The prefill binds per chunk (nora_graph_run).
  */
 #include <algorithm>
 #include <chrono>
@@ -137,6 +138,60 @@ void decoder_forward(PolicyState &st, int64_t length, int64_t s, const int64_t *
         fail(NORA_EDGE_ERR_RUNTIME, err);
 }
 
+void bind_decode_step(PolicyState &st) {
+    char err[1024] = "";
+    auto make = [&](const char *name, void *data, int elem, const int64_t *shape, size_t ndim) {
+        const nora_tensor t = tensor(name, data, elem, shape, ndim);
+        nora_value *v = nullptr;
+        if (nora_value_create(st.ort.get(), &t, &v, err, sizeof err)) fail(NORA_EDGE_ERR_RUNTIME, err);
+        return Value(v);
+    };
+    const int64_t kv_shape[4] = {1, st.kv_heads, st.max_len, st.head_dim}, logit_shape[2] = {1, st.rows};
+    const int64_t emb_shape[3] = {1, 1, st.hidden}, pos_shape[3] = {3, 1, 1}, one[1] = {1};
+    const int F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, I = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    const size_t stride = kv_buffer_stride(st);
+    for (size_t j = 0; j < st.kv_in_names.size(); j++)
+        st.kv_values.push_back(make(st.kv_in_names[j].c_str(), st.kv.data() + j * stride, F, kv_shape, 4));
+    st.logits_value = make("logits", st.logits.data(), F, logit_shape, 2);
+    st.step_embeds_value = make("inputs_embeds", st.embeds.data(), F, emb_shape, 3);
+    st.step_pos_value = make("position_ids", st.step_positions.data(), I, pos_shape, 3);
+    if (st.layout == KvLayout::Shared) {
+        for (int64_t k = 1; k <= st.max_len; k++) {  /* (1, k) masks of ones, one per cache length */
+            const int64_t shape[2] = {1, k};
+            st.mask_values.push_back(make("attention_mask", st.ones.data(), I, shape, 2));
+        }
+    } else {
+        st.step_cpos_value = make("cache_position", st.cache_position.data(), I, one, 1);
+    }
+    nora_binding *b = nullptr;
+    if (nora_binding_create(st.decoder.get(), &b, err, sizeof err)) fail(NORA_EDGE_ERR_RUNTIME, err);
+    st.step_binding.reset(b);
+    int rc = nora_binding_input(b, "inputs_embeds", st.step_embeds_value.get(), err, sizeof err) ||
+             nora_binding_input(b, "position_ids", st.step_pos_value.get(), err, sizeof err) ||
+             nora_binding_output(b, "logits", st.logits_value.get(), err, sizeof err);
+    if (!rc && st.layout == KvLayout::Static)
+        rc = nora_binding_input(b, "cache_position", st.step_cpos_value.get(), err, sizeof err);
+    for (size_t j = 0; !rc && j < st.kv_values.size(); j++)  /* past and present on the same buffer */
+        rc = nora_binding_input(b, st.kv_in_names[j].c_str(), st.kv_values[j].get(), err, sizeof err) ||
+             nora_binding_output(b, st.kv_out_names[j].c_str(), st.kv_values[j].get(), err, sizeof err);
+    if (rc) fail(NORA_EDGE_ERR_RUNTIME, err);
+}
+
+void decoder_step(PolicyState &st, int64_t index) {
+    if (index < 0 || index + 1 > st.max_len)
+        fail(NORA_EDGE_ERR_INPUT, "KV cache overflow: " + std::to_string(index) + " tokens held + 1 new > max_len " +
+                                      std::to_string(st.max_len) + " slots of the decoder graph");
+    char err[1024] = "";
+    int rc = 0;
+    if (st.layout == KvLayout::Shared)
+        rc = nora_binding_input(st.step_binding.get(), "attention_mask", st.mask_values[(size_t)index].get(), err,
+                                sizeof err);
+    else
+        st.cache_position[0] = index;
+    if (!rc) rc = nora_binding_run(st.step_binding.get(), err, sizeof err);
+    if (rc) fail(NORA_EDGE_ERR_RUNTIME, err);
+}
+
 StepResult run_chunk(PolicyState &st, const uint8_t *rgb, int32_t height, int32_t width, size_t stride,
                      const char *instruction, const char *unnorm_key) {
     StepResult r;
@@ -207,7 +262,7 @@ StepResult run_chunk(PolicyState &st, const uint8_t *rgb, int32_t height, int32_
         st.embeddings.gather_f32(&token, 1, st.embeds.data());
         if (decode_positions(index, pi.rope_delta, 1, st.step_positions.data(), 3) != NORA_EDGE_OK)
             fail(NORA_EDGE_ERR_INPUT, "decode position overflow");
-        decoder_forward(st, index, 1, st.step_positions.data());
+        decoder_step(st, index);
         const double ds = seconds(s0, Clock::now());
         r.step_min_s = std::min(r.step_min_s, ds), r.step_max_s = std::max(r.step_max_s, ds);
         index++;

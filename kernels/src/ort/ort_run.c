@@ -193,3 +193,92 @@ int nora_graph_run(nora_graph *g, const nora_tensor *in, size_t nin, const nora_
     free(vals);
     return rc;
 }
+
+/* ---- persistent binding: values created once, bound once, rebound by name without allocating ---- */
+
+struct nora_value {
+    OrtValue *v;
+    const OrtApi *api;
+};
+
+struct nora_binding {
+    nora_graph *g;
+    OrtIoBinding *b;
+};
+
+int nora_value_create(nora_ort *o, const nora_tensor *t, nora_value **out, char *err, size_t errlen) {
+    if (!o || !t || !out) {
+        fail(err, errlen, "nora_value_create: NULL argument");
+        return -1;
+    }
+    *out = NULL;
+    nora_value *nv = calloc(1, sizeof *nv);
+    if (!nv) {
+        fail(err, errlen, "out of memory");
+        return -1;
+    }
+    nv->api = o->api;
+    if (wrap(o, t, &nv->v, err, errlen)) {
+        free(nv);
+        return -1;
+    }
+    *out = nv;
+    return 0;
+}
+
+void nora_value_free(nora_value *v) {
+    if (!v) return;
+    if (v->v) v->api->ReleaseValue(v->v);
+    free(v);
+}
+
+int nora_binding_create(nora_graph *g, nora_binding **out, char *err, size_t errlen) {
+    if (!g || !out) {
+        fail(err, errlen, "nora_binding_create: NULL argument");
+        return -1;
+    }
+    *out = NULL;
+    nora_binding *b = calloc(1, sizeof *b);
+    if (!b) {
+        fail(err, errlen, "out of memory");
+        return -1;
+    }
+    b->g = g;
+    if (check(g->ort->api, g->ort->api->CreateIoBinding(g->session, &b->b), "CreateIoBinding", err, errlen)) {
+        free(b);
+        return -1;
+    }
+    *out = b;
+    return 0;
+}
+
+void nora_binding_free(nora_binding *b) {
+    if (!b) return;
+    if (b->b) b->g->ort->api->ReleaseIoBinding(b->b);
+    free(b);
+}
+
+int nora_binding_input(nora_binding *b, const char *name, const nora_value *v, char *err, size_t errlen) {
+    if (!b || !name || !v) {
+        fail(err, errlen, "nora_binding_input: NULL argument");
+        return -1;
+    }
+    return check(b->g->ort->api, b->g->ort->api->BindInput(b->b, name, v->v), name, err, errlen);
+}
+
+int nora_binding_output(nora_binding *b, const char *name, const nora_value *v, char *err, size_t errlen) {
+    if (!b || !name || !v) {
+        fail(err, errlen, "nora_binding_output: NULL argument");
+        return -1;
+    }
+    return check(b->g->ort->api, b->g->ort->api->BindOutput(b->b, name, v->v), name, err, errlen);
+}
+
+int nora_binding_run(nora_binding *b, char *err, size_t errlen) {
+    if (!b) {
+        fail(err, errlen, "nora_binding_run: NULL binding");
+        return -1;
+    }
+    const OrtApi *api = b->g->ort->api;
+    return check(api, api->RunWithBinding(b->g->session, b->g->run, b->b), "RunWithBinding", err, errlen);
+}

@@ -36,4 +36,17 @@ void nora_graph_close(nora_graph *g);
 int nora_graph_run(nora_graph *g, const nora_tensor *in, size_t nin, const nora_tensor *out, size_t nout, char *err,
                    size_t errlen);
 
+/* A persistent binding (the per-token path): values wrap caller memory once (nora_value_create); binding a value
+ * by name replaces the previous one for that name; run allocates nothing in this layer (onnxruntime's Run uses its
+ * own arena). Values must outlive the bindings that hold them. */
+typedef struct nora_value nora_value;
+typedef struct nora_binding nora_binding;
+int nora_value_create(nora_ort *ort, const nora_tensor *t, nora_value **out, char *err, size_t errlen);
+void nora_value_free(nora_value *v);
+int nora_binding_create(nora_graph *g, nora_binding **out, char *err, size_t errlen);
+void nora_binding_free(nora_binding *b);
+int nora_binding_input(nora_binding *b, const char *name, const nora_value *v, char *err, size_t errlen);
+int nora_binding_output(nora_binding *b, const char *name, const nora_value *v, char *err, size_t errlen);
+int nora_binding_run(nora_binding *b, char *err, size_t errlen);
+
 #endif
