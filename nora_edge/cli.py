@@ -487,6 +487,13 @@ def eval_cmd(
         int | None, typer.Option(help="env steps per episode (default sim MAX_STEPS)")
     ] = None,
     blank_image: Annotated[bool, typer.Option(help="feed a constant gray frame (vision ablation)")] = False,
+    latency_steps: Annotated[
+        int,
+        typer.Option(
+            help="simulated inference latency in env steps: each chunk after the first arrives this many steps "
+            "after its frame, predicted while the current one executes; the robot holds when it is late"
+        ),
+    ] = 0,
     nora_fallback: Annotated[
         bool,
         typer.Option(
@@ -519,6 +526,7 @@ def eval_cmd(
             timeout_s=timeout,
             gripper=tuple(gripper) if gripper else None,
             nora_fallback=nora_fallback,
+            latency_steps=latency_steps,
         )
         paths = run_eval(policy, tasks, episodes, seed, cfg, against=against, ray_address=ray, out=out)
     except NoraEdgeError as e:

@@ -65,7 +65,8 @@ class EvalConfig:
         threads: inference threads per worker (None: cores // workers); nora_fallback: checkpoints only:
         execute NORA's own fallback for a malformed chunk (zeros, unnormalized: what NORA sends the robot),
         counted as malformed, instead of ending the episode; gripper: checkpoint gripper steps
-        when it has no train_report.json.
+        when it has no train_report.json; latency_steps: simulated inference latency in env steps (0: the
+        synchronous loop; ``sim.latency``).
     """
 
     max_steps: int = MAX_STEPS
@@ -77,12 +78,16 @@ class EvalConfig:
     threads: int | None = None
     gripper: tuple[str, ...] | None = None
     nora_fallback: bool = False
+    latency_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a positive int, got {v!r}")
+        v = self.latency_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InputError(f"latency_steps must be an int >= 0, got {v!r}")
         if isinstance(self.gif, bool) or not isinstance(self.gif, int) or self.gif < 0:
             raise InputError(f"gif must be an int >= 0, got {self.gif!r}")
         if not self.timeout_s > 0 or not self.load_timeout_s > 0:
@@ -218,7 +223,8 @@ def run_local(policy: str, episodes: list[Episode], cfg: EvalConfig, fault=None,
                 if s.ready and s.job is None and pending:
                     s.job, s.since = pending.popleft(), time.monotonic()
                     ep, attempt = s.job
-                    s.conn.send((ep, attempt, cfg.max_steps, cfg.blank_image, ep.index < cfg.gif))
+                    job = (ep, attempt, cfg.max_steps, cfg.blank_image, ep.index < cfg.gif, cfg.latency_steps)
+                    s.conn.send(job)
             limits = [s.since + _budget(s, cfg) for s in slots if s.job is not None or not s.ready]
             wait_s = max(0.0, min(limits) - time.monotonic()) if limits else 1.0
             mp_wait([s.conn for s in slots] + [s.proc.sentinel for s in slots], timeout=wait_s)
@@ -290,7 +296,9 @@ def run_ray(address: str, policy: str, episodes: list[Episode], cfg: EvalConfig,
         while any(r is None for r in results):
             while idle and pending:
                 (ep, attempt), actor = pending.popleft(), idle.pop()
-                ref = actor.run.remote(ep, attempt, cfg.max_steps, cfg.blank_image, ep.index < cfg.gif)
+                ref = actor.run.remote(
+                    ep, attempt, cfg.max_steps, cfg.blank_image, ep.index < cfg.gif, cfg.latency_steps
+                )
                 running[ref] = (actor, ep, attempt, time.monotonic())
             first = min(v[3] for v in running.values())
             done, _ = ray.wait(

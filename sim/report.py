@@ -115,6 +115,15 @@ def markdown(report: dict) -> str:
                 f"{_f(g['tokens_per_chunk']['mean'])} | {g['repaired']} | {g['forced']} | {g['malformed']} | "
                 f"{st['crashed']}/{st['hung']}/{st['error']} |"
             )
+        latency = (run.get("config") or {}).get("latency_steps", 0)
+        if latency:
+            eps = run["episodes"]
+            holds = [e.get("hold_steps", 0) for e in eps]
+            ages = [a for e in eps for a in e.get("obs_age_steps", [])]
+            lines += ["", f"Simulated latency: each chunk after the first arrives {latency} env steps after its frame "
+                      f"(predicted while the current one executes). Hold steps per episode: mean "
+                      f"{np.mean(holds):.1f}, max {max(holds)}; observation age of executed chunks: median "
+                      f"{np.median(ages) if ages else 0:.0f} steps, max {max(ages) if ages else 0}."]  # fmt: skip
         if run["events"]:
             lines += ["", "Worker events (episode rerun once in a fresh worker):", ""]
             lines += [f"- {e['event']}: {e['task']} seed {e['seed']} attempt {e['attempt']}: {e['detail']}"

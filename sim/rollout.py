@@ -80,6 +80,10 @@ class EpisodeResult:
         error: the exception / malformed reason / worker failure text ("" when none).
         attempts: how many workers ran it (2 after a crash/hang rerun).
         frames: (chunks, H, W, 3) uint8 frames at chunk starts (only with ``record_frames``), else None.
+        hold_steps: steps the robot held still waiting for a late chunk (simulated latency, ``sim.latency``).
+        obs_age_steps: per executed chunk, steps between its frame and its first action (simulated latency;
+            empty in the synchronous loop, where it is always 0). With a latency, a chunk computed but never
+            executed (the episode ended first) has 0 in ``chunk_steps``.
     """
 
     task: str
@@ -99,6 +103,8 @@ class EpisodeResult:
     error: str = ""
     attempts: int = 1
     frames: np.ndarray | None = None
+    hold_steps: int = 0
+    obs_age_steps: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Every field but ``frames`` (JSON-ready)."""
@@ -349,8 +355,11 @@ class EpisodeRunner:
         """True once loaded (Ray: the driver waits on it to tell load failures from episode failures)."""
         return True
 
-    def run(self, ep, attempt: int, max_steps: int, blank: bool, record: bool) -> EpisodeResult:
-        """Run episode ``ep`` (``.task``, ``.seed``); ``attempt`` 0 first, 1 for the rerun after a crash/hang."""
+    def run(
+        self, ep, attempt: int, max_steps: int, blank: bool, record: bool, latency_steps: int = 0
+    ) -> EpisodeResult:
+        """Run episode ``ep`` (``.task``, ``.seed``); ``attempt`` 0 first, 1 for the rerun after a crash/hang;
+        ``latency_steps`` > 0 delays every chunk after the first by that many env steps (``sim.latency``)."""
         from .metaworld_env import make_env
 
         inject_fault(self.fault, ep, attempt)
@@ -361,6 +370,13 @@ class EpisodeRunner:
             return EpisodeResult(
                 ep.task, ep.seed, status="error", stop="error", error=err, attempts=attempt + 1
             )
-        res = run_episode(self.actor, env, ep.task, ep.seed, max_steps, blank, record)
+        if latency_steps:
+            from .latency import run_episode_delayed
+
+            res = run_episode_delayed(
+                self.actor, env, ep.task, ep.seed, max_steps, latency_steps, blank, record
+            )
+        else:
+            res = run_episode(self.actor, env, ep.task, ep.seed, max_steps, blank, record)
         res.attempts = attempt + 1
         return res

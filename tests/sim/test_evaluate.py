@@ -27,7 +27,8 @@ from nora_edge.sim.metaworld_env import TASKS  # noqa: E402
 
 TASK = "drawer-close-v3"  # the sim_policy fixture's task
 EPISODE_FIELDS = {"task", "seed", "policy", "success", "steps", "chunks", "chunk_s", "chunk_steps", "tokens",
-                  "repaired", "forced", "malformed", "status", "stop", "error", "attempts"}  # fmt: skip
+                  "repaired", "forced", "malformed", "status", "stop", "error", "attempts", "hold_steps",
+                  "obs_age_steps"}  # fmt: skip
 GROUP_FIELDS = {"episodes", "successes", "success_rate", "ci95", "ms_per_chunk", "ms_per_step",
                 "tokens_per_chunk", "steps_mean", "repaired", "forced", "malformed", "status", "stop"}  # fmt: skip
 
