@@ -62,7 +62,9 @@ def test_actions_are_the_chunks_of_the_submitted_frames(policy, frames):
         np.testing.assert_array_equal(g.action, want, err_msg=f"tick {i}")
         assert g.chunk == chunk_index and g.age_s >= 0, (i, g.chunk, chunk_index)
         compared += 1
-    assert compared == 16 and len(chunks) == chunk_index + 1 == 4  # the frames' chunks differ: a wrong source fails
+    assert (
+        compared == 16 and len(chunks) == chunk_index + 1 == 4
+    )  # the frames' chunks differ: a wrong source fails
     assert [g.waited for g in got].count(True) == 1  # only the first tick ran the model itself
 
 

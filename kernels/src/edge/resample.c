@@ -6,7 +6,10 @@
  * clip after each; vertical first when Pillow 13's rule says so, an axis of equal size skipped)--> dst (H', W', 3).
  * Horizontal first: only the source rows the vertical pass reads are resampled (Pillow's ybox_first..last).
  *
- * Integer sums are exact, so the tap order is free. Three implementations give Pillow's integers exactly:
+ * Integer sums are exact, so the tap order is free. Three implementations give Pillow's integers exactly
+ * (chosen per call by ne_path: the best the build and CPU allow, or NORA_EDGE_SIMD; see resample.h):
+ *   - AVX2 (resample_avx2.c, when the CPU has it): the SSE2 scheme on 256-bit vectors, four taps per madd in
+ *     the horizontal pass, sixteen columns in the vertical one.
  *   - SSE2 (x86-64, the default there): weights split k = h * 2048 + l into int16 halves, two taps x three
  *     channels per pair of _mm_madd_epi16, int32 lanes modulo 2**32 (Pillow's sum fits int32, so the
  *     wrapped result is the sum); clip8 as (sum >> 22) saturated to int16 then uint8.
@@ -35,6 +38,41 @@
 #endif
 
 #define NE_PRECISION_BITS 22   /* Pillow: 32 - 8 - 2 */
+
+enum { NE_PATH_NONE = 0, NE_PATH_SSE2 = 1, NE_PATH_AVX2 = 2 };
+
+/* The path resizes run: the best the build and CPU allow, capped by NORA_EDGE_SIMD (read once; a benign
+ * first-use race computes the same value twice). */
+static int ne_path(void) {
+    static int cached = -1;
+    int p = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (p >= 0) {
+        return p;
+    }
+    int best = NE_SSE2 ? NE_PATH_SSE2 : NE_PATH_NONE;
+#if NE_HAVE_AVX2
+    if (nora_edge_priv_avx2_usable()) {
+        best = NE_PATH_AVX2;
+    }
+#endif
+    p = best;
+    const char *env = getenv("NORA_EDGE_SIMD");
+    if (env) {
+        const int want = strcmp(env, "none") == 0 ? NE_PATH_NONE
+                         : strcmp(env, "sse2") == 0 ? NE_PATH_SSE2
+                         : strcmp(env, "avx2") == 0 ? NE_PATH_AVX2
+                                                    : best;
+        p = want < best ? want : best;
+    }
+    __atomic_store_n(&cached, p, __ATOMIC_RELAXED);
+    return p;
+}
+
+const char *nora_edge_priv_resample_path(void) {
+    static const char *const names[] = {"none", "sse2", "avx2"};
+    return names[ne_path()];
+}
+
 #define NE_BICUBIC_SUPPORT 2.0 /* Pillow's BICUBIC filter support */
 
 /* One axis's taps (Pillow's bounds + fixed-point kk): output i reads count[i] inputs from first[i]. */
@@ -238,6 +276,37 @@ static int ne_wtab_fill(const ne_taps *t, int32_t out_w, int16_t *wt) {
     return 0;
 }
 
+#if NE_HAVE_AVX2
+/* The horizontal taps for the AVX2 pass: per output pixel, per quad of taps (k0..k3), 32 int16: the high parts
+ * {h0 h1 h0 h1 h0 h1 0 0 | h2 h3 h2 h3 h2 h3 0 0}, then the low parts alike (ne_split_pair; taps past the count
+ * weigh 0). -1 when a high part does not fit int16. */
+static int ne_wtab4_fill(const ne_taps *t, int32_t out_w, int16_t *wt) {
+    const int32_t nq = (t->ksize + 3) / 4;
+    for (int32_t xx = 0; xx < out_w; xx++) {
+        const int32_t *k = t->weight + (size_t)xx * (size_t)t->ksize;
+        const int32_t n = t->count[xx];
+        for (int32_t q = 0; q < nq; q++) {
+            int16_t *e = wt + ((size_t)xx * (size_t)nq + (size_t)q) * 32;
+            for (int half = 0; half < 2; half++) {
+                int32_t hi[2], lo[2];
+                if (ne_split_pair(k, n, 2 * q + half, hi, lo)) {
+                    return -1;
+                }
+                int16_t *h = e + 8 * half, *l = e + 16 + 8 * half;
+                for (int c = 0; c < 3; c++) {
+                    h[2 * c] = (int16_t)hi[0];
+                    h[2 * c + 1] = (int16_t)hi[1];
+                    l[2 * c] = (int16_t)lo[0];
+                    l[2 * c + 1] = (int16_t)lo[1];
+                }
+                h[6] = h[7] = l[6] = l[7] = 0;
+            }
+        }
+    }
+    return 0;
+}
+#endif
+
 /* 8 bytes of a row from p[b]: one load where 8 bytes remain before the row's end (avail bytes from p), else a
  * copy of what remains (the taps themselves always lie inside the row). */
 static inline __m128i ne_load8(const uint8_t *p, size_t b, size_t avail) {
@@ -384,9 +453,18 @@ static void ne_pass_v_sse2(const uint8_t *src, size_t sstride, size_t cols, cons
 }
 #endif
 
-/* The horizontal pass: SSE2 where the weight table was built (wt), else the portable two-row loop (pk). */
+/* The horizontal pass: AVX2 (path) or SSE2 where the weight table was built (wt), else the portable two-row
+ * loop (pk). */
 static void ne_hpass(const uint8_t *src, size_t sstride, int32_t rows, const ne_taps *t, int32_t out_w,
-                     uint8_t *dst, size_t dstride, const int16_t *wt, uint64_t *pk, size_t row_bytes) {
+                     uint8_t *dst, size_t dstride, const int16_t *wt, uint64_t *pk, size_t row_bytes, int path) {
+#if NE_HAVE_AVX2
+    if (wt && path == NE_PATH_AVX2) {
+        nora_edge_priv_pass_h_avx2(src, sstride, rows, t->first, t->count, (t->ksize + 3) / 4, out_w, dst, dstride,
+                                   wt, row_bytes);
+        return;
+    }
+#endif
+    (void)path;
 #if NE_SSE2
     if (wt) {
         ne_pass_h_sse2(src, sstride, rows, t, out_w, dst, dstride, wt, row_bytes);
@@ -427,9 +505,18 @@ static void ne_pass_v(const uint8_t *src, size_t sstride, size_t cols, const ne_
     }
 }
 
-/* The vertical pass: SSE2 where the weight table was built (vt), else the portable row loop (acc). */
+/* The vertical pass: AVX2 (path) or SSE2 where the weight table was built (vt), else the portable row loop
+ * (acc). */
 static void ne_vpass(const uint8_t *src, size_t sstride, size_t cols, const ne_taps *t, int32_t out_h,
-                     uint8_t *dst, size_t dstride, const int32_t *vt, int32_t *acc) {
+                     uint8_t *dst, size_t dstride, const int32_t *vt, int32_t *acc, int path) {
+#if NE_HAVE_AVX2
+    if (vt && path == NE_PATH_AVX2) {
+        nora_edge_priv_pass_v_avx2(src, sstride, cols, t->first, t->count, t->weight, t->ksize, out_h, dst, dstride,
+                                   vt);
+        return;
+    }
+#endif
+    (void)path;
 #if NE_SSE2
     if (vt) {
         ne_pass_v_sse2(src, sstride, cols, t, out_h, dst, dstride, vt);
@@ -459,6 +546,7 @@ int nora_edge_priv_resize_bicubic(const uint8_t *src, int32_t height, int32_t wi
     int32_t *vt = NULL;
     const uint8_t *img = src;
     const size_t istride = stride;
+    const int path = ne_path();
     int st = 0;
     if ((need_h && ne_taps_init(&th, width, ow)) || (need_v && ne_taps_init(&tv, height, oh))) {
         st = -1;
@@ -469,7 +557,7 @@ int nora_edge_priv_resize_bicubic(const uint8_t *src, int32_t height, int32_t wi
         tmp = malloc(v_first ? (size_t)oh * row_bytes : (size_t)height * out_row);
     }
 #if NE_SSE2
-    if (need_v) {
+    if (need_v && path != NE_PATH_NONE) {
         vt = malloc((size_t)oh * (size_t)((tv.ksize + 1) / 2) * 2 * sizeof *vt);
         if (vt && ne_vtab_fill(&tv, oh, vt) != 0) {
             free(vt);
@@ -481,9 +569,17 @@ int nora_edge_priv_resize_bicubic(const uint8_t *src, int32_t height, int32_t wi
         acc = malloc((v_first ? row_bytes : out_row) * sizeof *acc);
     }
 #if NE_SSE2
-    if (need_h) {
-        wt = malloc((size_t)ow * (size_t)((th.ksize + 1) / 2) * 16 * sizeof *wt);
-        if (wt && ne_wtab_fill(&th, ow, wt) != 0) {
+    if (need_h && path != NE_PATH_NONE) {
+        /* AVX2: (ksize + 3) / 4 quads x 32 int16 per pixel; SSE2: (ksize + 1) / 2 pairs x 16 */
+        const size_t per = path == NE_PATH_AVX2 ? (size_t)((th.ksize + 3) / 4) * 32 : (size_t)((th.ksize + 1) / 2) * 16;
+        wt = malloc((size_t)ow * per * sizeof *wt);
+#if NE_HAVE_AVX2
+        if (wt && path == NE_PATH_AVX2 && ne_wtab4_fill(&th, ow, wt) != 0) {
+            free(wt);
+            wt = NULL;
+        }
+#endif
+        if (wt && path == NE_PATH_SSE2 && ne_wtab_fill(&th, ow, wt) != 0) {
             free(wt);
             wt = NULL; /* a weight outside the split's range: the portable pass */
         }
@@ -498,21 +594,21 @@ int nora_edge_priv_resize_bicubic(const uint8_t *src, int32_t height, int32_t wi
     }
     if (need_h && need_v) {
         if (v_first) {
-            ne_vpass(img, istride, row_bytes, &tv, oh, tmp, row_bytes, vt, acc);
-            ne_hpass(tmp, row_bytes, oh, &th, ow, res, out_row, wt, pk, row_bytes);
+            ne_vpass(img, istride, row_bytes, &tv, oh, tmp, row_bytes, vt, acc, path);
+            ne_hpass(tmp, row_bytes, oh, &th, ow, res, out_row, wt, pk, row_bytes, path);
         } else {
             /* only the source rows the vertical pass reads (Pillow's ybox_first..ybox_last) */
             const int32_t r0 = tv.first[0], r1 = tv.first[oh - 1] + tv.count[oh - 1];
-            ne_hpass(img + (size_t)r0 * istride, istride, r1 - r0, &th, ow, tmp, out_row, wt, pk, row_bytes);
+            ne_hpass(img + (size_t)r0 * istride, istride, r1 - r0, &th, ow, tmp, out_row, wt, pk, row_bytes, path);
             for (int32_t i = 0; i < oh; i++) {
                 tv.first[i] -= r0;
             }
-            ne_vpass(tmp, out_row, out_row, &tv, oh, res, out_row, vt, acc);
+            ne_vpass(tmp, out_row, out_row, &tv, oh, res, out_row, vt, acc, path);
         }
     } else if (need_h) {
-        ne_hpass(img, istride, height, &th, ow, res, out_row, wt, pk, row_bytes);
+        ne_hpass(img, istride, height, &th, ow, res, out_row, wt, pk, row_bytes, path);
     } else if (need_v) {
-        ne_vpass(img, istride, row_bytes, &tv, oh, res, out_row, vt, acc);
+        ne_vpass(img, istride, row_bytes, &tv, oh, res, out_row, vt, acc, path);
     }
     if (!need_h && !need_v) {
         for (int32_t y = 0; y < height; y++) {
