@@ -46,13 +46,13 @@ from nora_edge.bench.gate_baseline import (
     GATED_STAGES,
     INFO_STAGES,
     RATES,
-    STAGE_UNITS,
     UNITS,
     gate_metrics,
     identity,
     load_baseline,
     read_report,
     stage_stat,
+    stage_unit,
     unit_stat,
     write_baseline,
 )
@@ -256,8 +256,8 @@ def compare(report: dict, baseline: dict, max_regression: float = 0.15) -> GateR
 def _pooled(report: dict, conf: dict, stage: str) -> float:
     """Fastest stage sample of first pass + re-measurement over the fastest sample of its yardstick in both."""
     stage_ms = min([stage_stat(report, stage), *conf["samples"][stage]])
-    u = STAGE_UNITS[stage]
-    return stage_ms / min([unit_stat(report, u), *conf.get(u, ())])
+    units = {u: min([unit_stat(report, u), *conf.get(u, ())]) for u in UNITS}
+    return stage_ms / stage_unit(units, stage)
 
 
 def _confirmation_summary(report: dict, conf: dict, rows: list[dict]) -> dict:

@@ -206,7 +206,8 @@ class Yardstick:
     2-vCPU VM).
 
     ``dispatch``: :func:`dispatch_session` warm (the fastest of ``DISPATCH_REPS`` back-to-back runs), ~0.11 ms
-    here; the unit of the tiny decoder's dispatch-bound prefill and step (``gate_baseline.STAGE_UNITS``). The GEMM
+    here; with the GEMM (geometric mean) the unit of the tiny decoder's dispatch-bound prefill and step
+    (``gate_baseline.STAGE_UNITS``). The GEMM
     alone did not carry those across hosts: between two runs of the same code on two instances of this CI's VM
     type, the GEMM got 10% faster while the decode step got 14% slower (0.311 -> 0.355 ms).
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from nora_edge.bench import gate
-from nora_edge.bench.gate_baseline import STAGE_UNITS
+from nora_edge.bench.gate_baseline import stage_unit
 from nora_edge.bench.run import run_bench
 from nora_edge.errors import InputError
 
@@ -138,14 +138,16 @@ def test_confirmation_numbers_follow_from_the_raw_samples(runs):
             name
         )
         assert len(conf["dispatch_ms"]) == len(conf["unit_ms"]), name
-        # the decode step is divided by the dispatch yardstick (gate_baseline.STAGE_UNITS)
+        # the decode step is divided by the geometric mean of both yardsticks (gate_baseline.STAGE_UNITS)
         first = rep["samples"]["runtime"]["decode_step"]
-        unit = min(rep["dispatch_ms"]["samples"] + conf["dispatch_ms"])
+        units = {u: min(rep[u]["samples"] + conf[u]) for u in ("unit_ms", "dispatch_ms")}
+        unit = (units["unit_ms"] * units["dispatch_ms"]) ** 0.5
         pooled = min(first + conf["samples"]["decode_step"]) / unit
         row = _row(rep["gate"], "decode_step (norm)")
         assert row["current"] == pytest.approx(pooled, rel=1e-12), name
         assert row["change"] == pytest.approx(pooled / base - 1, rel=1e-12), name
-        assert row["first_pass"] == pytest.approx(min(first) / min(rep["dispatch_ms"]["samples"]), rel=1e-12)
+        unit0 = (min(rep["unit_ms"]["samples"]) * min(rep["dispatch_ms"]["samples"])) ** 0.5
+        assert row["first_pass"] == pytest.approx(min(first) / unit0, rel=1e-12)
         assert summary["after"]["decode_step"]["change"] == row["change"]
 
 
@@ -206,15 +208,20 @@ def test_baseline_is_the_median_of_several_bench_processes(runs, tmp_path, capsy
     stored = json.loads(target.read_text())
     assert len(stored["runs"]) == 3 and "median over 3 bench process(es)" in stored["note"]
     for stage in ("vision", "prefill", "decode_step", "e2e"):
-        unit = STAGE_UNITS[stage]
-        norm = [runs[n]["runtime"]["stages"][stage]["min"] / runs[n][unit]["min"] for n in names]
+        norm = [
+            runs[n]["runtime"]["stages"][stage]["min"]
+            / stage_unit({u: runs[n][u]["min"] for u in ("unit_ms", "dispatch_ms")}, stage)
+            for n in names
+        ]
         assert stored["metrics"]["normalized"][stage] == pytest.approx(statistics.median(norm), rel=1e-12)
         assert [r["normalized"][stage] for r in stored["runs"]] == pytest.approx(norm, rel=1e-12)
     memory = [runs[n]["memory"]["anon_rss_peak_mb"] for n in names]
     assert stored["metrics"]["memory_kind"] == "anon_rss_peak_mb" and all(m > 0 for m in memory)
     assert stored["metrics"]["memory_mb"] == statistics.median(memory)
     # the one slowed process out of three does not become the baseline
-    slow = runs["slow"]["runtime"]["stages"]["decode_step"]["min"] / runs["slow"]["dispatch_ms"]["min"]
+    slow = runs["slow"]["runtime"]["stages"]["decode_step"]["min"] / stage_unit(
+        {u: runs["slow"][u]["min"] for u in ("unit_ms", "dispatch_ms")}, "decode_step"
+    )
     assert stored["metrics"]["normalized"]["decode_step"] < slow
     assert "median of 3 bench process(es)" in capsys.readouterr().out
 
