@@ -16,14 +16,13 @@ episode as in the synchronous loop, when they would have arrived.
 
 from __future__ import annotations
 
-import time
 import traceback
 
 import numpy as np
 
 from nora_edge.errors import InputError
 
-from .rollout import GRAY, EpisodeResult
+from .rollout import EpisodeResult, call_actor
 
 
 def hold_action(last: np.ndarray) -> np.ndarray:
@@ -57,19 +56,7 @@ def run_episode_delayed(
     frames = []
 
     def call(frame: np.ndarray):
-        if record_frames:
-            frames.append(frame)
-        seen = np.full_like(frame, GRAY) if blank_image else frame
-        t0 = time.perf_counter()
-        c = actor.chunk(seen, env.instruction)
-        res.chunk_s.append(time.perf_counter() - t0)
-        res.chunks += 1
-        res.tokens.append(c.tokens)
-        res.repaired += c.repaired
-        res.forced += c.forced
-        if c.malformed:
-            res.malformed += 1
-        return c
+        return call_actor(actor, frame, env.instruction, res, blank_image, frames if record_frames else None)
 
     try:
         actor.reset()

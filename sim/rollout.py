@@ -244,6 +244,24 @@ def load_actor(
     return CheckpointActor(path, gripper, threads=threads, nora_fallback=nora_fallback)
 
 
+def call_actor(actor, frame: np.ndarray, instruction: str, res: EpisodeResult, blank_image: bool, frames):
+    """One policy call on ``frame`` (a gray frame instead with ``blank_image``): its time, tokens and token counts
+    go into ``res``; the frame is appended to ``frames`` unless that is None. Returns the :class:`Chunk`."""
+    if frames is not None:
+        frames.append(frame)
+    seen = np.full_like(frame, GRAY) if blank_image else frame
+    t0 = time.perf_counter()
+    c = actor.chunk(seen, instruction)
+    res.chunk_s.append(time.perf_counter() - t0)
+    res.chunks += 1
+    res.tokens.append(c.tokens)
+    res.repaired += c.repaired
+    res.forced += c.forced
+    if c.malformed:
+        res.malformed += 1
+    return c
+
+
 def run_episode(
     actor,
     env,
@@ -276,18 +294,7 @@ def run_episode(
         while res.steps < max_steps and not res.success:
             if res.chunks:
                 frame = env.frame()
-            if record_frames:
-                frames.append(frame)
-            seen = np.full_like(frame, GRAY) if blank_image else frame
-            t0 = time.perf_counter()
-            c = actor.chunk(seen, env.instruction)
-            res.chunk_s.append(time.perf_counter() - t0)
-            res.chunks += 1
-            res.tokens.append(c.tokens)
-            res.repaired += c.repaired
-            res.forced += c.forced
-            if c.malformed:
-                res.malformed += 1
+            c = call_actor(actor, frame, env.instruction, res, blank_image, frames if record_frames else None)
             if c.malformed and not c.fallback:
                 res.chunk_steps.append(0)
                 res.stop, res.error = "malformed", f"malformed chunk {res.chunks}: {c.reason}"

@@ -171,23 +171,6 @@ void prefill_prefix(PolicyState &st) {
     st.prefix_len = P;
 }
 
-nora_edge_status guard(const char *what, void (*body)(void *), void *arg) {
-    try {
-        body(arg);
-        return NORA_EDGE_OK;
-    } catch (const BundleError &e) {
-        return nora_edge_priv_fail(e.status(), "%s", e.what());
-    } catch (const PromptError &e) {
-        return nora_edge_priv_fail(e.status(), "%s", e.what());
-    } catch (const TokenizerError &e) {
-        return nora_edge_priv_fail(e.status(), "%s", e.what());
-    } catch (const std::bad_alloc &) {
-        return nora_edge_priv_fail(NORA_EDGE_ERR_NOMEM, "%s: out of memory", what);
-    } catch (const std::exception &e) {
-        return nora_edge_priv_fail(NORA_EDGE_ERR_RUNTIME, "%s: %s", what, e.what());
-    }
-}
-
 }  // namespace
 }  // namespace nora_edge
 
@@ -223,14 +206,9 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
                                    "NORA_EDGE_FORCED_FLAG, got %d", opts.forced_tokens);
     if (opts.max_repaired < 0)
         return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "max_repaired must be >= 0, got %d", opts.max_repaired);
-    struct Args {
-        const char *dir;
-        nora_policy_options opts;
-        std::unique_ptr<PolicyState> st;
-    } args{bundle_dir, opts, nullptr};
-    nora_edge_status rc = guard("nora_policy_create", [](void *p) {
-        Args &a = *static_cast<Args *>(p);
-        Bundle b = Bundle::load(a.dir, a.opts.verify_hashes != 0);
+    std::unique_ptr<PolicyState> state;
+    nora_edge_status rc = guarded("nora_policy_create", [&] {
+        Bundle b = Bundle::load(bundle_dir, opts.verify_hashes != 0);
         Npy emb = Npy::open(b.path(b.embeddings.file), b.embeddings.dtype, b.embeddings.shape);
         Tokenizer tok = [&] {
             try {
@@ -240,9 +218,9 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
             }
         }();
         PromptBuilder pb = make_prompt(b, tok);
-        a.st = std::make_unique<PolicyState>(std::move(b), std::move(emb), std::move(tok), std::move(pb));
-        PolicyState &st = *a.st;
-        st.options = a.opts;
+        state = std::make_unique<PolicyState>(std::move(b), std::move(emb), std::move(tok), std::move(pb));
+        PolicyState &st = *state;
+        st.options = opts;
         st.layout = kv_layout(st.bundle);
         check_shapes(st);
         open_codec(st);
@@ -250,11 +228,11 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
         allocate(st);
         bind_decode_step(st);
         prefill_prefix(st);
-    }, &args);
+    });
     if (rc != NORA_EDGE_OK) return rc;
     nora_policy *p = new (std::nothrow) nora_policy;
     if (!p) return nora_edge_priv_fail(NORA_EDGE_ERR_NOMEM, "nora_policy_create: out of memory");
-    p->state = std::move(args.st);
+    p->state = std::move(state);
     *out = p;
     return NORA_EDGE_OK;
 }

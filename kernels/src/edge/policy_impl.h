@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "edge/bundle.h"
+#include "edge/edge_error.h"
 #include "edge/prompt.h"
 #include "edge/tokenizer.h"
 #include "nora_edge.h"
@@ -143,6 +144,26 @@ void bind_decode_step(PolicyState &st);
 /* One decoder call for the generated token whose embedding is in embeds[0] and positions in step_positions[0:3],
  * written at KV slot `index`, through the persistent binding (no allocation in this library). */
 void decoder_step(PolicyState &st, int64_t index);
+
+/* Run body() and turn the internal exceptions into the nora_edge.h status and thread message (`what` names the C
+ * call in runtime / memory messages): the one place nothing throws across the C ABI. */
+template <class Body>
+nora_edge_status guarded(const char *what, Body &&body) {
+    try {
+        body();
+        return NORA_EDGE_OK;
+    } catch (const BundleError &e) {
+        return nora_edge_priv_fail(e.status(), "%s", e.what());
+    } catch (const PromptError &e) {
+        return nora_edge_priv_fail(e.status(), "%s", e.what());
+    } catch (const TokenizerError &e) {
+        return nora_edge_priv_fail(e.status(), "%s", e.what());
+    } catch (const std::bad_alloc &) {
+        return nora_edge_priv_fail(NORA_EDGE_ERR_NOMEM, "%s: out of memory", what);
+    } catch (const std::exception &e) {
+        return nora_edge_priv_fail(NORA_EDGE_ERR_RUNTIME, "%s: %s", what, e.what());
+    }
+}
 
 /* One chunk into st.chunk / out_ids / classes (policy_step.cpp). Throws BundleError with the status. */
 struct StepResult {

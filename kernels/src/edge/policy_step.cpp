@@ -291,19 +291,10 @@ namespace {
 
 nora_edge_status step_locked(PolicyState &st, const uint8_t *rgb, int32_t height, int32_t width, size_t stride,
                              const char *instruction, const char *unnorm_key, StepResult &r) {
-    try {
+    const nora_edge_status rc = guarded("nora_policy_step", [&] {
         r = run_chunk(st, rgb, height, width, stride, instruction, unnorm_key);
-    } catch (const BundleError &e) {
-        return nora_edge_priv_fail(e.status(), "%s", e.what());
-    } catch (const PromptError &e) {
-        return nora_edge_priv_fail(e.status(), "%s", e.what());
-    } catch (const TokenizerError &e) {
-        return nora_edge_priv_fail(e.status(), "%s", e.what());
-    } catch (const std::bad_alloc &) {
-        return nora_edge_priv_fail(NORA_EDGE_ERR_NOMEM, "nora_policy_step: out of memory");
-    } catch (const std::exception &e) {
-        return nora_edge_priv_fail(NORA_EDGE_ERR_RUNTIME, "nora_policy_step: %s", e.what());
-    }
+    });
+    if (rc != NORA_EDGE_OK) return rc;
     return r.refused ? nora_edge_priv_fail(NORA_EDGE_ERR_FORCED, "%s", r.why.c_str()) : NORA_EDGE_OK;
 }
 
