@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from nora_edge.atomic import read_json_object
+from nora_edge.bench.gate_source import source_fingerprint
 from nora_edge.errors import InputError
 
 GATED_STAGES = ("vision", "prefill", "decode_step")
@@ -148,6 +149,8 @@ def make_baseline(reports: dict | list[dict]) -> dict:
             {"normalized": m["normalized"], **{u: m[u] for u in UNITS}, "memory_mb": m["memory_mb"]}
             for m in runs
         ],
+        # the code the runs measured (bench.gate_source): gate_ab tells a host difference from a code change by it
+        "source": source_fingerprint(),
         "note": f"median over {len(runs)} bench process(es) of: normalized = fastest stage sample ms / the fastest "
         "run of its stage's yardstick (stage_units: unit_ms a fixed ORT GEMM, dispatch_ms a chain of small ORT "
         "nodes; both sampled between steps)",
