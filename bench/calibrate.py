@@ -1,10 +1,11 @@
 """Calibrate the Orin efficiency factors against measured AGX Orin runs, and check them on held-out ones.
 
 Data flow: the AGX Orin 64GB profile with its raw peaks (efficiency set to 1) + the analytic Qwen3-VL-2B spec ->
-fit ``eff_compute`` to NVIDIA's TensorRT Edge-LLM vision (39 ms) + prefill (50 ms) and ``eff_memory`` to its INT4
-decode rate (98 tok/s) by fixed-point iteration -> check the fitted profile on OpenVLA-7B (MLC INT4 336 ms per
+fit ``eff_compute`` to NVIDIA's TensorRT Edge-LLM 0.10 vision (36.2 ms) + prefill (45.7 ms) and ``eff_memory`` to its
+INT4 decode rate (98.9 tok/s) by fixed-point iteration -> check the fitted profile on OpenVLA-7B (MLC INT4 336 ms per
 action, FP16 840 ms), which played no part in the fit. The numbers stored in ``profiles/orin-*.toml`` are the
-rounded output of :func:`calibrate_efficiency`; a test keeps the two in step.
+rounded output of :func:`calibrate_efficiency`; a test keeps the two in step. (``orin_anchors`` fits one factor per
+phase on the same page's Qwen3-VL-2B and 4B rows, with one of them held out.)
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from nora_edge.bench.roofline import PrecisionPlan, analytic_stage_costs, predic
 from nora_edge.profiles import DeviceProfile, Quantity, load_profile
 
 CALIBRATION_PROFILE = "orin-agx-64gb"
-# Measured on Jetson AGX Orin 64GB, batch 1. NVIDIA's TensorRT Edge-LLM performance-benchmarks page
-# (nvidia.github.io/TensorRT-Edge-LLM, user_guide/performance/performance-benchmarks), Qwen3-VL-2B INT4 AWQ;
-# these figures were not re-checked against the page's current release.
-EDGE_LLM_VISION_MS = 39.0  # vision encoder, 265 image tokens
-EDGE_LLM_PREFILL_MS = 50.0  # 292 tokens
-EDGE_LLM_DECODE_TOK_S = 98.0
+# Measured on Jetson AGX Orin 64GB, batch 1: NVIDIA's TensorRT Edge-LLM 0.10.0 performance-benchmarks page
+# (nvidia.github.io/TensorRT-Edge-LLM/0.10.0/user_guide/performance/performance-benchmarks.html; JetPack 7.2,
+# TensorRT 10.16), Qwen3-VL-2B INT4 AWQ + FP16 activations (the same figures as orin_anchors.ANCHORS).
+EDGE_LLM_VISION_MS = 36.2  # vision encoder, 265 image tokens
+EDGE_LLM_PREFILL_MS = 45.7  # 292 tokens
+EDGE_LLM_DECODE_TOK_S = 98.9
 # Jetson AI Lab OpenVLA tutorial (github.com/NVIDIA-AI-IOT/jetson-generative-ai-playground, docs/openvla.md):
 # OpenVLA-7B on BridgeData V2, AGX Orin 64GB, JetPack 6.0: INT4 (MLC q4f16_ft) 336 ms, FP16 (HF) 840 ms
 # per action.

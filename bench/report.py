@@ -348,6 +348,11 @@ def bench_markdown(res: dict) -> str:
         )
         if r.get("node_counts"):
             out += ["", *launches_markdown(r, stages)]
+    anchored = res.get("orin_anchored") or (res.get("roofline") or {}).get("orin_anchored")
+    if anchored:
+        from nora_edge.bench.orin_predict import orin_markdown
+
+        out += ["", *orin_markdown(anchored)]
     if res.get("baseline7b"):
         out += ["", *baseline7b_markdown(res["baseline7b"])]
     if res.get("gate"):

@@ -2,7 +2,8 @@
 
 Data flow: loaded NoraPolicy + the runtime's statistics (``run.summarize_kind``) + the measured host profile ->
 ``bundle`` / ``roofline`` sections (``bundle_cost`` on the bundle's own graphs, every device profile; node counts
-and kernel launches from ``launches``) ->
+and kernel launches from ``launches``; ``roofline["orin_anchored"]``: NORA-Long int4 on the Orins anchored on
+published measurements, with this run's tokens per chunk, ``orin_predict.orin_section``) ->
 :func:`bundle_actions_per_s` (host measured, devices predicted) for the OpenVLA-7B section
 (``baseline7b.bench_section``).
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from nora_edge.bench.bundle_cost import bundle_stage_costs, predict_bundle
 from nora_edge.bench.launches import bundle_node_counts, launch_costs_json, launch_lines, stage_launches
+from nora_edge.bench.orin_predict import orin_section
 from nora_edge.profiles import list_profiles, load_profile
 
 
@@ -61,7 +63,17 @@ def roofline_section(policy, instruction: str, summary: dict, host, new_tokens: 
         "node_counts": nodes,
         "launches": launches,
         "launch_costs": launch_costs_json(profiles),
+        "orin_anchored": orin_section(
+            summary.get("tokens_per_chunk"), b.codec.time_horizon, measured_on=_bundle_name(b)
+        ),
     }
+
+
+def _bundle_name(bundle) -> str:
+    """``<dir> (decoder L layers x H, <precision>)`` for the anchored prediction's token source."""
+    dec = bundle.components["decoder"]
+    layers, hidden = (dec.meta.get(k) for k in ("num_layers", "hidden_size"))
+    return f"{bundle.path.name} (decoder {layers} layers x {hidden}, {dec.precision})"
 
 
 def bundle_section(bundle) -> dict:

@@ -46,9 +46,17 @@ def test_summary_matches_the_report_and_marks_missing_pieces(run_dir):
     assert b["e2e_p50_ms"] == report["runtime"]["e2e"]["p50"]
     assert b["stage_p50_ms"]["decode_step"] == report["runtime"]["stages"]["decode_step"]["p50"]
     assert b["profile_ms"] == report["roofline"]["profiles"]["orin-agx-64gb"]
+    anchored = report["roofline"]["orin_anchored"]
+    assert b["orin_anchored"]["actions_per_s"] == anchored["headline"]["actions_per_s"]
+    assert b["orin_anchored"]["tokens_per_chunk"]["median"] == report["runtime"]["tokens_per_chunk"]["median"]
     assert fp32["size_gb"] * 1e9 == pytest.approx(report["bundle"]["size_bytes"], rel=0.01)
     assert fp32["build"] is None and int8["bench"] is None and int8["fidelity"] is None
     md = render(s)
     assert "| int8 | missing |" in md and "missing: run `python -m nora_edge.bench.baseline7b OUT`" in md
+    plain = anchored["headline"]["actions_per_s"]["plain"]
+    bench_md = (out / "bench-real-fp32" / "report.md").read_text()  # every bench report carries the section
+    assert "## Orin prediction anchored on published measurements (NORA-Long int4)" in bench_md
+    assert f"prediction error {100 * anchored['headline']['held_out_error']:+.1f}%" in bench_md
+    assert f"| fp32 | {report['runtime']['tokens_per_chunk']['median']:g} (measured) | {plain:.1f} |" in md
     main([str(out)])
     assert (out / "summary.md").read_text() == md and (out / "summary.json").is_file()
