@@ -43,7 +43,16 @@ class _Options(ctypes.Structure):
         ("verify_hashes", ctypes.c_int32),
         ("forced_tokens", ctypes.c_int32),
         ("max_repaired", ctypes.c_int32),
+        # ABI 0.3
+        ("provider", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("trt_cache_dir", ctypes.c_char_p),
+        ("trt_fp16", ctypes.c_int32),
     ]
+
+
+# nora_edge_provider (nora_edge.h): where the graphs run
+PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 
 class _Info(ctypes.Structure):
@@ -168,16 +177,26 @@ class EdgePolicy:
         verify: bool = False,
         forced_tokens: str = "raise",
         max_repaired: int = 0,
+        provider: str = "cpu",
+        device_id: int = 0,
+        trt_cache_dir: str | Path | None = None,
+        trt_fp16: bool = False,
     ) -> EdgePolicy:
-        """nora_policy_create; ``forced_tokens`` "raise" / "flag" as :class:`nora_edge.policy.NoraPolicy`."""
+        """nora_policy_create; ``forced_tokens`` "raise" / "flag" as :class:`nora_edge.policy.NoraPolicy`;
+        ``provider`` "cpu" / "cuda" / "tensorrt" (an onnxruntime without it: EdgeRuntimeError, status
+        "unsupported", naming the providers it has)."""
         if forced_tokens not in ("raise", "flag"):
             raise InputError(f"forced_tokens must be 'raise' or 'flag', got {forced_tokens!r}")
+        if provider not in PROVIDERS:
+            raise InputError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         lib = load_library(library)
         opts = _Options()
         lib.nora_policy_options_init(ctypes.byref(opts))
         opts.onnxruntime_path = str(onnxruntime or wheel_onnxruntime()).encode()
         opts.threads, opts.verify_hashes = threads, int(verify)
         opts.forced_tokens, opts.max_repaired = int(forced_tokens == "flag"), max_repaired
+        opts.provider, opts.device_id, opts.trt_fp16 = PROVIDERS.index(provider), device_id, int(trt_fp16)
+        opts.trt_cache_dir = str(trt_cache_dir).encode() if trt_cache_dir is not None else None
         h = ctypes.c_void_p()
         _raise(lib, lib.nora_policy_create(str(bundle).encode(), ctypes.byref(opts), ctypes.byref(h)))
         return cls(lib, h)

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 #define NORA_EDGE_ABI_MAJOR 0
-#define NORA_EDGE_ABI_MINOR 2
+#define NORA_EDGE_ABI_MINOR 3
 
 #if defined(__GNUC__)
 #define NORA_EDGE_API __attribute__((visibility("default")))
@@ -89,6 +89,15 @@ typedef enum nora_edge_token_class {
     NORA_EDGE_TOKEN_FORCED = 2,       /* the model chose to end; the chunk was not complete (forced_continue) */
 } nora_edge_token_class;
 
+/* Where the graphs run (ABI 0.3). The GPU providers need an onnxruntime built with them (on a Jetson: the
+ * onnxruntime-gpu wheel for its JetPack); one without them fails nora_policy_create with NORA_EDGE_ERR_UNSUPPORTED
+ * naming the providers it has. Nodes a provider lacks run on the CPU (TENSORRT: TensorRT, then CUDA, then CPU). */
+typedef enum nora_edge_provider {
+    NORA_EDGE_PROVIDER_CPU = 0,
+    NORA_EDGE_PROVIDER_CUDA = 1,      /* onnxruntime's CUDAExecutionProvider on device_id */
+    NORA_EDGE_PROVIDER_TENSORRT = 2,  /* onnxruntime's TensorrtExecutionProvider (+ CUDA fallback) on device_id */
+} nora_edge_provider;
+
 typedef struct nora_policy_options {
     size_t struct_size;               /* sizeof(nora_policy_options): set by nora_policy_options_init */
     const char *onnxruntime_path;     /* libonnxruntime.so.1.x to load; NULL: $NORA_EDGE_ONNXRUNTIME */
@@ -96,9 +105,15 @@ typedef struct nora_policy_options {
     int32_t verify_hashes;            /* 1: sha256 of every bundle file at create (sizes are always checked) */
     int32_t forced_tokens;            /* nora_edge_forced_mode (default REFUSE) */
     int32_t max_repaired;             /* repaired tokens a chunk may hold under REFUSE (default 0) */
+    /* ABI 0.3 (a caller built against 0.2 passes the smaller struct_size and gets the defaults) */
+    int32_t provider;                 /* nora_edge_provider (default CPU) */
+    int32_t device_id;                /* GPU ordinal for CUDA / TENSORRT (default 0) */
+    const char *trt_cache_dir;        /* TENSORRT: directory for built engines (NULL: rebuild at every create) */
+    int32_t trt_fp16;                 /* TENSORRT: 1 lets TensorRT pick fp16 kernels (default 0: fp32) */
 } nora_policy_options;
 
-/* Defaults: onnxruntime from $NORA_EDGE_ONNXRUNTIME, threads 0, verify_hashes 0, REFUSE, max_repaired 0. */
+/* Defaults: onnxruntime from $NORA_EDGE_ONNXRUNTIME, threads 0, verify_hashes 0, REFUSE, max_repaired 0, CPU,
+ * device 0, no engine cache, trt_fp16 0. */
 NORA_EDGE_API void nora_policy_options_init(nora_policy_options *options);
 
 typedef struct nora_policy_info {

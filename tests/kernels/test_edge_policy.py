@@ -195,6 +195,78 @@ def test_a_growing_kv_bundle_is_refused_as_unsupported(edge_runtime, tiny_bundle
     assert e.value.status == "unsupported"
 
 
+def _has(provider: str) -> bool:
+    import onnxruntime as ort
+
+    return provider in ort.get_available_providers()
+
+
+@pytest.mark.skipif(
+    _has("CUDAExecutionProvider"), reason="this onnxruntime has CUDA: the GPU test below applies"
+)
+@pytest.mark.parametrize(("provider", "missing"), [("cuda", "CUDAExecutionProvider"),
+                                                   ("tensorrt", "CUDAExecutionProvider")])  # fmt: skip
+def test_gpu_provider_on_a_cpu_onnxruntime_is_unsupported_naming_what_it_has(
+    edge_runtime, fused_trained_bundle, provider, missing
+):
+    import onnxruntime as ort
+
+    from nora_edge.edge_policy import EdgeRuntimeError
+
+    with pytest.raises(EdgeRuntimeError, match=missing) as e:
+        EdgePolicy.load(fused_trained_bundle, library=edge_runtime, provider=provider)
+    assert e.value.status == "unsupported"
+    have = ort.get_available_providers()  # the wheel's own list, read independently
+    assert have and all(name in str(e.value) for name in have)
+
+
+def test_provider_options_are_checked_and_an_abi_0_2_caller_gets_the_defaults(
+    edge_runtime, fused_trained_bundle
+):
+    from nora_edge.edge_policy import _Options, wheel_onnxruntime
+
+    with pytest.raises(InputError, match="provider must be one of"):
+        EdgePolicy.load(fused_trained_bundle, library=edge_runtime, provider="gpu")
+    lib = load_library(edge_runtime)
+    h = ctypes.c_void_p()
+    for field, value, text in (("provider", 7, "provider must be"), ("device_id", -1, "device_id must be")):
+        opts = _Options()
+        lib.nora_policy_options_init(ctypes.byref(opts))
+        setattr(opts, field, value)
+        assert (
+            lib.nora_policy_create(str(fused_trained_bundle).encode(), ctypes.byref(opts), ctypes.byref(h))
+            == 1
+        )
+        assert text in lib.nora_edge_last_error().decode() and not h.value
+    # a caller compiled against ABI 0.2 passes the 0.2 struct size; the 0.3 fields behind it hold garbage here
+    opts = _Options()
+    lib.nora_policy_options_init(ctypes.byref(opts))
+    opts.struct_size, opts.onnxruntime_path, opts.threads = (
+        _Options.provider.offset,
+        str(wheel_onnxruntime()).encode(),
+        1,
+    )
+    opts.provider, opts.device_id = 99, -5
+    assert (
+        lib.nora_policy_create(str(fused_trained_bundle).encode(), ctypes.byref(opts), ctypes.byref(h)) == 0
+    )
+    edge = EdgePolicy(lib, h)
+    py = NoraPolicy.load(fused_trained_bundle, threads=1, forced_tokens="flag")
+    image, text = held_out_pairs(1, seed=53)[0]
+    assert edge.step(image, text).ids.tolist() == py.run_chunk(image, text).ids.tolist()
+    edge.close()
+
+
+@pytest.mark.skipif(
+    not _has("CUDAExecutionProvider"), reason="needs onnxruntime-gpu and a CUDA device: none here"
+)
+def test_cuda_provider_chunks_equal_the_python_runtime_on_cuda(edge_runtime, fused_trained_bundle):
+    edge = EdgePolicy.load(fused_trained_bundle, library=edge_runtime, provider="cuda", forced_tokens="flag")
+    py = NoraPolicy.load(fused_trained_bundle, providers="CUDAExecutionProvider", forced_tokens="flag")
+    n = compare(edge, py, held_out_pairs(8, seed=59))
+    assert n["pairs"] == 8
+
+
 def test_library_exports_only_the_header(edge_runtime):
     out = subprocess.run(["nm", "-D", "--defined-only", str(edge_runtime)], capture_output=True, text=True)
     names = sorted(line.split()[-1] for line in out.stdout.splitlines() if line.strip())

@@ -122,6 +122,24 @@ void open_codec(PolicyState &st) {
         fail(NORA_EDGE_ERR_BUNDLE, "manifest.json: the decoder head lacks rows for some action ids");
 }
 
+// NORA_EDGE_ERR_UNSUPPORTED unless the loaded onnxruntime offers the provider (and the ones it falls back to)
+static void check_provider(nora_ort *ort, int32_t provider) {
+    if (provider == NORA_EDGE_PROVIDER_CPU) return;
+    const char *need[2] = {"CUDAExecutionProvider", provider == NORA_EDGE_PROVIDER_TENSORRT ? "TensorrtExecutionProvider"
+                                                                                            : nullptr};
+    char have[512] = "";
+    for (const char *name : need) {
+        if (!name) continue;
+        int found = nora_ort_has_provider(ort, name, have, sizeof have);
+        if (found == 0)
+            fail(NORA_EDGE_ERR_UNSUPPORTED, std::string("this onnxruntime (") + nora_ort_version(ort) + ") has no " +
+                                                name + " (it has: " + have +
+                                                "); a GPU needs an onnxruntime built with it, e.g. the onnxruntime-gpu "
+                                                "wheel for the Jetson's JetPack");
+        if (found < 0) fail(NORA_EDGE_ERR_RUNTIME, "onnxruntime cannot list its execution providers");
+    }
+}
+
 void open_graphs(PolicyState &st) {
     const char *lib = st.options.onnxruntime_path ? st.options.onnxruntime_path : std::getenv("NORA_EDGE_ONNXRUNTIME");
     if (!lib || !*lib)
@@ -131,13 +149,18 @@ void open_graphs(PolicyState &st) {
     nora_ort *ort = nullptr;
     if (nora_ort_open(lib, &ort, err, sizeof err)) fail(NORA_EDGE_ERR_RUNTIME, err);
     st.ort.reset(ort);
+    const nora_policy_options &o = st.options;
+    check_provider(ort, o.provider);
+    const nora_graph_options gopt = {o.threads, o.provider, o.device_id, o.trt_cache_dir, o.trt_fp16};
+    // a GPU provider that fails to start (no device, driver mismatch) is the system's failure, not the bundle's
+    const nora_edge_status open_fail = o.provider == NORA_EDGE_PROVIDER_CPU ? NORA_EDGE_ERR_BUNDLE : NORA_EDGE_ERR_RUNTIME;
     nora_graph *g = nullptr;
-    if (nora_graph_open(ort, st.bundle.path(st.bundle.vision.file).c_str(), st.options.threads, &g, err, sizeof err))
-        fail(NORA_EDGE_ERR_BUNDLE, err);
+    if (nora_graph_open_ex(ort, st.bundle.path(st.bundle.vision.file).c_str(), &gopt, &g, err, sizeof err))
+        fail(open_fail, err);
     st.vision.reset(g);
     g = nullptr;
-    if (nora_graph_open(ort, st.bundle.path(st.bundle.decoder.file).c_str(), st.options.threads, &g, err, sizeof err))
-        fail(NORA_EDGE_ERR_BUNDLE, err);
+    if (nora_graph_open_ex(ort, st.bundle.path(st.bundle.decoder.file).c_str(), &gopt, &g, err, sizeof err))
+        fail(open_fail, err);
     st.decoder.reset(g);
 }
 
@@ -197,8 +220,14 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
             options->struct_size > sizeof opts)
             return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "nora_policy_create: options.struct_size %zu (call "
                                        "nora_policy_options_init)", options->struct_size);
-        opts = *options;
+        std::memcpy(&opts, options, options->struct_size);  // a 0.2 caller's smaller struct: the rest defaults
+        opts.struct_size = sizeof opts;
     }
+    if (opts.provider < NORA_EDGE_PROVIDER_CPU || opts.provider > NORA_EDGE_PROVIDER_TENSORRT)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "provider must be NORA_EDGE_PROVIDER_CPU, _CUDA or _TENSORRT, "
+                                   "got %d", opts.provider);
+    if (opts.device_id < 0)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "device_id must be >= 0, got %d", opts.device_id);
     if (opts.threads < 0)
         return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "threads must be >= 0, got %d", opts.threads);
     if (opts.forced_tokens != NORA_EDGE_FORCED_REFUSE && opts.forced_tokens != NORA_EDGE_FORCED_FLAG)

@@ -90,11 +90,80 @@ void nora_ort_close(nora_ort *o) {
 
 const char *nora_ort_version(const nora_ort *o) { return o ? o->version : ""; }
 
-int nora_graph_open(nora_ort *o, const char *onnx_path, int threads, nora_graph **out, char *err, size_t errlen) {
-    if (!o || !onnx_path || !out || threads < 0) {
-        fail(err, errlen, "nora_graph_open: NULL argument or negative threads (%d)", threads);
+int nora_ort_has_provider(nora_ort *o, const char *name, char *list, size_t listlen) {
+    if (list && listlen) list[0] = 0;
+    if (!o || !name) return -1;
+    char **names = NULL;
+    int n = 0, found = 0;
+    OrtStatus *st = o->api->GetAvailableProviders(&names, &n);
+    if (st) {
+        o->api->ReleaseStatus(st);
         return -1;
     }
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        if (!strcmp(names[i], name)) found = 1;
+        if (list && used + 1 < listlen) {
+            int w = snprintf(list + used, listlen - used, "%s%s", i ? ", " : "", names[i]);
+            used = w > 0 ? used + (size_t)w : used;
+            if (used >= listlen) used = listlen - 1;
+        }
+    }
+    st = o->api->ReleaseAvailableProviders(names, n);
+    if (st) o->api->ReleaseStatus(st);
+    return found;
+}
+
+/* onnxruntime's CUDA EP on device_id (V2 options: keys as in onnxruntime's CUDA EP documentation). */
+static int append_cuda(const OrtApi *api, OrtSessionOptions *so, int device_id, char *err, size_t errlen) {
+    OrtCUDAProviderOptionsV2 *cuda = NULL;
+    char dev[16];
+    snprintf(dev, sizeof dev, "%d", device_id);
+    const char *keys[] = {"device_id"}, *vals[] = {dev};
+    int rc = check(api, api->CreateCUDAProviderOptions(&cuda), "CreateCUDAProviderOptions", err, errlen);
+    if (!rc) rc = check(api, api->UpdateCUDAProviderOptions(cuda, keys, vals, 1), "UpdateCUDAProviderOptions", err,
+                        errlen);
+    if (!rc) rc = check(api, api->SessionOptionsAppendExecutionProvider_CUDA_V2(so, cuda),
+                        "SessionOptionsAppendExecutionProvider_CUDA_V2", err, errlen);
+    if (cuda) api->ReleaseCUDAProviderOptions(cuda);
+    return rc;
+}
+
+/* onnxruntime's TensorRT EP (keys as in its TensorRT EP documentation: trt_engine_cache_* keep engines). */
+static int append_tensorrt(const OrtApi *api, OrtSessionOptions *so, const nora_graph_options *opt, char *err,
+                           size_t errlen) {
+    OrtTensorRTProviderOptionsV2 *trt = NULL;
+    char dev[16];
+    snprintf(dev, sizeof dev, "%d", opt->device_id);
+    const char *keys[4] = {"device_id", "trt_fp16_enable", "trt_engine_cache_enable", "trt_engine_cache_path"};
+    const char *vals[4] = {dev, opt->trt_fp16 ? "1" : "0", "1", opt->trt_cache_dir};
+    size_t nkeys = opt->trt_cache_dir && *opt->trt_cache_dir ? 4 : 2;
+    int rc = check(api, api->CreateTensorRTProviderOptions(&trt), "CreateTensorRTProviderOptions", err, errlen);
+    if (!rc) rc = check(api, api->UpdateTensorRTProviderOptions(trt, keys, vals, nkeys),
+                        "UpdateTensorRTProviderOptions", err, errlen);
+    if (!rc) rc = check(api, api->SessionOptionsAppendExecutionProvider_TensorRT_V2(so, trt),
+                        "SessionOptionsAppendExecutionProvider_TensorRT_V2", err, errlen);
+    if (trt) api->ReleaseTensorRTProviderOptions(trt);
+    return rc;
+}
+
+int nora_graph_open(nora_ort *o, const char *onnx_path, int threads, nora_graph **out, char *err, size_t errlen) {
+    nora_graph_options opt = {threads, NORA_ORT_CPU, 0, NULL, 0};
+    return nora_graph_open_ex(o, onnx_path, &opt, out, err, errlen);
+}
+
+int nora_graph_open_ex(nora_ort *o, const char *onnx_path, const nora_graph_options *opt, nora_graph **out,
+                       char *err, size_t errlen) {
+    if (!o || !onnx_path || !out || !opt || opt->threads < 0) {
+        fail(err, errlen, "nora_graph_open: NULL argument or negative threads (%d)", opt ? opt->threads : 0);
+        return -1;
+    }
+    if (opt->provider < NORA_ORT_CPU || opt->provider > NORA_ORT_TENSORRT || opt->device_id < 0) {
+        fail(err, errlen, "nora_graph_open: unknown provider %d or negative device_id %d", opt->provider,
+             opt->device_id);
+        return -1;
+    }
+    int threads = opt->threads;
     const OrtApi *api = o->api;
     *out = NULL;
     OrtSessionOptions *so = NULL;
@@ -115,6 +184,8 @@ int nora_graph_open(nora_ort *o, const char *onnx_path, int threads, nora_graph 
                         "AddSessionConfigEntry", err, errlen);
     if (!rc) rc = check(api, api->AddSessionConfigEntry(so, "session.inter_op.allow_spinning", "0"),
                         "AddSessionConfigEntry", err, errlen);
+    if (!rc && opt->provider == NORA_ORT_TENSORRT) rc = append_tensorrt(api, so, opt, err, errlen);
+    if (!rc && opt->provider != NORA_ORT_CPU) rc = append_cuda(api, so, opt->device_id, err, errlen);
     if (!rc) rc = check(api, api->CreateSession(o->env, onnx_path, so, &g->session), "CreateSession", err, errlen);
     if (!rc) rc = check(api, api->CreateRunOptions(&g->run), "CreateRunOptions", err, errlen);
     if (so) api->ReleaseSessionOptions(so);

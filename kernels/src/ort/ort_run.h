@@ -31,7 +31,26 @@ void nora_ort_close(nora_ort *ort);
 /* The onnxruntime version string of the loaded library. */
 const char *nora_ort_version(const nora_ort *ort);
 
+/* Whether the loaded library offers an execution provider by onnxruntime's name (e.g. "CUDAExecutionProvider");
+ * the names it offers, comma-separated, into list (may be NULL). 1 / 0; -1 when the library cannot say. */
+int nora_ort_has_provider(nora_ort *ort, const char *name, char *list, size_t listlen);
+
+/* Where a graph runs. provider: NORA_ORT_CPU; NORA_ORT_CUDA (onnxruntime's CUDA EP on device_id; nodes it lacks
+ * fall back to the CPU); NORA_ORT_TENSORRT (TensorRT EP first, then CUDA for the nodes TensorRT rejects, then CPU:
+ * onnxruntime's documented order; trt_cache_dir, when set, keeps built engines across runs). */
+enum { NORA_ORT_CPU = 0, NORA_ORT_CUDA = 1, NORA_ORT_TENSORRT = 2 };
+typedef struct nora_graph_options {
+    int threads;
+    int provider;
+    int device_id;
+    const char *trt_cache_dir;
+    int trt_fp16;
+} nora_graph_options;
+
+/* nora_graph_open on the CPU with `threads` intra-op threads. */
 int nora_graph_open(nora_ort *ort, const char *onnx_path, int threads, nora_graph **out, char *err, size_t errlen);
+int nora_graph_open_ex(nora_ort *ort, const char *onnx_path, const nora_graph_options *opt, nora_graph **out,
+                       char *err, size_t errlen);
 void nora_graph_close(nora_graph *g);
 int nora_graph_run(nora_graph *g, const nora_tensor *in, size_t nin, const nora_tensor *out, size_t nout, char *err,
                    size_t errlen);
