@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU torch wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[export,bench,dev,bnb,sim]'
+	$(PY) -m pip install -q -e '.[export,bench,dev,bnb,sim,serve]'
+	# the serve tests drive the server with openpi's own published client; its metadata pins numpy<2 (it runs on
+	# numpy 2: msgpack + ndarray only), so it is installed without its dependencies (websockets, msgpack: serve extra)
+	$(PY) -m pip install -q --no-deps openpi-client==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
