@@ -13,6 +13,7 @@ Layout (names are the constants below)::
     manifest.json          schema below, written last
     vision.onnx            pixel_values (+ host index tensors unless specialised) -> image_embeds
     decoder.onnx (+.data)  inputs_embeds, position_ids, attention_mask, past KV -> logits (last pos), present KV
+    decoder_verify.onnx    optional: the same decoder with logits_all (every new position), for multi-token
     embeddings.npy         (vocab, hidden) token embedding table (fp16 by default)
     tokenizer.json         the checkpoint's Qwen tokenizer (instruction -> ids)
     codec/                 FAST processor_config.json, tokenizer.json, byte_table.npz
@@ -47,6 +48,8 @@ SCHEMA_VERSION = 1
 # --- files inside a bundle ---------------------------------------------------------------------------
 VISION_ONNX = "vision.onnx"
 DECODER_ONNX = "decoder.onnx"
+DECODER_VERIFY = "decoder_verify"  # optional component: multi-token verify graph (nora_edge.multitoken)
+DECODER_VERIFY_ONNX = "decoder_verify.onnx"
 EMBEDDINGS = "embeddings.npy"
 TOKENIZER = "tokenizer.json"
 CODEC_DIR = "codec"
@@ -66,6 +69,7 @@ INPUTS_EMBEDS = "inputs_embeds"  # (batch, seq, hidden) float32
 POSITION_IDS = "position_ids"  # (3, batch, seq) int64 (mrope t/h/w)
 ATTENTION_MASK = "attention_mask"  # (batch, past + seq) int64, 1 = attend
 LOGITS = "logits"  # (batch, rows) float32, last position only
+LOGITS_ALL = "logits_all"  # (batch, seq, rows) float32, every new position (decoder_verify only)
 
 
 def past_key(i: int) -> str:
@@ -173,6 +177,15 @@ class Bundle:
         if rel not in self.manifest["files"]:
             raise BundleError(f"{self.path}: '{rel}' is not listed in {MANIFEST}")
         return self.path / rel
+
+    def optional_component(self, name: str) -> ComponentSpec | None:
+        """An optional component's spec (e.g. :data:`DECODER_VERIFY`), None when the manifest has none.
+
+        Raises:
+            BundleError: the entry is malformed.
+        """
+        d = self.manifest["components"].get(name)
+        return None if d is None else ComponentSpec.from_json(d, f"components.{name}")
 
     @property
     def embeddings(self) -> dict:

@@ -356,6 +356,94 @@ def _select_c(
     return int(action_rows[fast_id]), top, AutomatonState(done, pending)
 
 
+class GreedySelector:
+    """The per-position selection of :func:`greedy`, one token at a time (shared with :mod:`nora_edge.multitoken`).
+
+    :meth:`choose` applies the repetition penalty, the automaton mask (or the unconstrained argmax), the tie
+    rule, the token classification and the stop rules exactly as the sequential loop does, and marks the chosen
+    id as seen. Every call emits one generated token; nothing is ever taken back.
+
+    Attributes:
+        rows: (rows,) Qwen id of each logits row.
+        seen: (rows,) bool, ids in the sequence so far (prompt included).
+        automaton, state, action_rows: constrained mode (None / start state / (V,) FAST id -> row otherwise).
+        stopped: None while generating, else "complete", "eos" or "max_new_tokens".
+        out, classes, tops: generated ids, their classes and the model's top ids so far.
+
+    Raises:
+        BundleError: ``config.kernels`` was built for another head or codec (n_rows, V, T, D differ).
+    """
+
+    def __init__(self, decoder: Decoder, prompt_ids: np.ndarray, config: GreedyConfig) -> None:
+        self.config = config
+        self.rows = rows = decoder.head_rows
+        self.seen = np.isin(rows, prompt_ids)  # (rows,)
+        self.automaton = auto = config.automaton
+        self.action_rows = self.state = None
+        if auto is not None:
+            # (V,) FAST id -> head row
+            self.action_rows = decoder.rows_of(config.action_base, auto.vocab_size)
+            self.state = auto.start()
+            self.limit = 4 * auto.total + 1  # every id holds >= 1 byte, every coefficient char <= 3 bytes
+        else:
+            self.limit = new_token_limit(config, int(prompt_ids.size))
+        self.eos = set(config.eos_ids)
+        self.kernels = config.kernels if auto is not None else None
+        if self.kernels is not None:
+            _check_kernels(self.kernels, rows, auto)
+        self.out: list[int] = []
+        self.classes: list[str] = []
+        self.tops: list[int] = []
+        self.stopped: str | None = None
+
+    def choose(self, logits: np.ndarray) -> int:
+        """Select the next token from raw logits (rows,); sets :attr:`stopped` when a stop rule fires.
+
+        Raises:
+            DetokenizationError: constrained mode found no allowed action id or overran its length bound.
+        """
+        rows, auto, seen, penalty = self.rows, self.automaton, self.seen, self.config.repetition_penalty
+        if self.kernels is not None:
+            row, top, self.state = _select_c(
+                self.kernels, logits, seen, penalty, rows, auto, self.state, self.action_rows, len(self.out)
+            )
+        elif auto is not None:
+            scores = apply_repetition_penalty(logits, seen, penalty)
+            row, top, self.state = select_step_numpy(
+                scores, rows, auto, self.state, self.action_rows, len(self.out)
+            )
+        else:
+            scores = apply_repetition_penalty(logits, seen, penalty)
+            row = top = argmax_lowest_id(scores, rows)  # the model's own choice over every head row
+        token = int(rows[row])
+        self.out.append(token)
+        self.tops.append(int(rows[top]))
+        if row == top:
+            self.classes.append(TOKEN_MODEL)
+        else:
+            self.classes.append(TOKEN_FORCED if int(rows[top]) in self.eos else TOKEN_REPAIRED)
+        seen[row] = True
+        if auto is not None and auto.is_complete(self.state):
+            self.stopped = "complete"
+        elif auto is None and token in self.eos:
+            self.stopped = "eos"
+        elif len(self.out) >= self.limit:
+            if auto is not None:
+                raise DetokenizationError(f"constrained decoding did not complete within {self.limit} tokens")
+            self.stopped = "max_new_tokens"
+        return token
+
+    def result(self, step_seconds: list[float]) -> GenerationResult:
+        """The :class:`GenerationResult` of the tokens chosen so far."""
+        return GenerationResult(
+            np.asarray(self.out, dtype=np.int64),
+            self.stopped or "",
+            step_seconds,
+            tuple(self.classes),
+            np.asarray(self.tops, dtype=np.int64),
+        )
+
+
 def greedy(
     decoder: Decoder,
     first_logits: np.ndarray,
@@ -382,55 +470,14 @@ def greedy(
             automaton) or overran its length bound.
         BundleError: ``config.kernels`` was built for another head or codec (n_rows, V, T, D differ).
     """
-    rows = decoder.head_rows
-    seen = np.isin(rows, prompt_ids)  # (rows,)
-    auto = config.automaton
-    if auto is not None:
-        action_rows = decoder.rows_of(config.action_base, auto.vocab_size)  # (V,) FAST id -> head row
-        state = auto.start()
-        limit = 4 * auto.total + 1  # every id holds >= 1 byte, every coefficient char <= 3 bytes
-    else:
-        limit = new_token_limit(config, int(prompt_ids.size))
-    eos = set(config.eos_ids)
-    logits, out, steps, classes, tops = first_logits, [], [], [], []
-    index = int(prompt_ids.size)
-    kernels = config.kernels if auto is not None else None
-    if kernels is not None:
-        _check_kernels(kernels, rows, auto)
+    sel = GreedySelector(decoder, prompt_ids, config)
+    logits, steps, index = first_logits, [], int(prompt_ids.size)
     while True:
-        if kernels is not None:
-            row, top, state = _select_c(
-                kernels, logits, seen, config.repetition_penalty, rows, auto, state, action_rows, len(out)
-            )
-        elif auto is not None:
-            scores = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-            row, top, state = select_step_numpy(scores, rows, auto, state, action_rows, len(out))
-        else:
-            scores = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-            row = top = argmax_lowest_id(scores, rows)  # the model's own choice over every head row
-        token = int(rows[row])
-        out.append(token)
-        tops.append(int(rows[top]))
-        if row == top:
-            classes.append(TOKEN_MODEL)
-        else:
-            classes.append(TOKEN_FORCED if int(rows[top]) in eos else TOKEN_REPAIRED)
-        seen[row] = True
-        if auto is not None and auto.is_complete(state):
-            stopped = "complete"
-            break
-        if auto is None and token in eos:
-            stopped = "eos"
-            break
-        if len(out) >= limit:
-            if auto is not None:
-                raise DetokenizationError(f"constrained decoding did not complete within {limit} tokens")
-            stopped = "max_new_tokens"
+        token = sel.choose(logits)
+        if sel.stopped is not None:
             break
         t0 = time.perf_counter()
         logits, cache = decode_step(decoder, token, index, rope_delta, cache)
         steps.append(time.perf_counter() - t0)
         index += 1
-    return GenerationResult(
-        np.asarray(out, dtype=np.int64), stopped, steps, tuple(classes), np.asarray(tops, dtype=np.int64)
-    )
+    return sel.result(steps)
