@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: kernels bench-kernels bench-edge-preprocess bench-edge-policy bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak clean
+.PHONY: kernels bench-kernels bench-edge-preprocess bench-edge-policy bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak serve-load clean
 
 # system packages: libosmesa6 renders MetaWorld offscreen on the CPU (the sim extra); apt runs only when missing
 APT_PACKAGES := libosmesa6
@@ -153,3 +153,12 @@ soak: $(OUT)/ci/bundle
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache .ruff_cache
 	$(MAKE) -C kernels clean
+
+# --- policy server under load (a person runs this, never CI): 8 openpi clients x 60 s against one `nora-edge serve`
+# and against Ray Serve with 2 replicas, one replica killed mid-run; ~5 min on 2 cores
+SERVE_LOAD := $(OUT)/serve-load
+$(SERVE_LOAD)/bundle: | $(STAMP)
+	$(VENV)/bin/nora-edge export policies/metaworld-nora-long --out $@ --no-validate \
+	  --mask 1,1,1,0 --gripper rescale --gripper binarize --gripper invert
+serve-load: $(SERVE_LOAD)/bundle
+	$(PY) -m nora_edge.bench.serve_load $(SERVE_LOAD)/bundle --out $(SERVE_LOAD)/report --clients 8 --seconds 60 --replicas 2
