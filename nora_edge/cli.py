@@ -532,3 +532,9 @@ def eval_cmd(
     except NoraEdgeError as e:
         _fail(e)
     typer.echo(f"report: {paths['markdown']} (json: {paths['json']}, plot: {paths['png']})")
+
+
+# the policy server commands (serve, loadtest) live in their own module to keep this one thin
+from nora_edge.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app, _fail)
