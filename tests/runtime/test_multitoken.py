@@ -31,7 +31,10 @@ def _verify_bundle(ckpt: Path, root: Path, **export_kw) -> Path:
     return add_verify_graph(plain, ckpt, root / "verify")
 
 
-@pytest.fixture(scope="module", params=["tiny_trained_ckpt_h5", "medium_ckpt"])
+# the medium fixture's bundles take ~2.5 min to build and run: `make test-slow` (the tiny one runs in `make test`)
+@pytest.fixture(
+    scope="module", params=["tiny_trained_ckpt_h5", pytest.param("medium_ckpt", marks=pytest.mark.slow)]
+)
 def runner(request, tmp_path_factory) -> MultiTokenRunner:
     """Default bundle (action head, fp16 table, constrained) + verify graph of a trained and a random fixture."""
     ckpt = request.getfixturevalue(request.param)
