@@ -176,8 +176,9 @@ class DecoderForExport(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = len(layers), first.num_kv_heads, first.head_dim
         self.hidden_size = int(w.shape[1])
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        """Args: see module docstring; ``past`` = k0, v0, k1, v1, ... Returns (logits, k0, v0, k1, v1, ...)."""
+    def hidden_states(self, inputs_embeds, position_ids, attention_mask, *past):
+        """The decoder layers: (B, S, H) hidden states of the new positions (before the final norm) and the
+        presents [k0, v0, k1, v1, ...]; arguments as :meth:`forward`."""
         seq = inputs_embeds.shape[1]
         cos, sin = self.rotary(position_ids)
         mask = attention_bias(attention_mask, seq)
@@ -186,6 +187,11 @@ class DecoderForExport(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
             presents += [k, v]
+        return x, presents
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        """Args: see module docstring; ``past`` = k0, v0, k1, v1, ... Returns (logits, k0, v0, k1, v1, ...)."""
+        x, presents = self.hidden_states(inputs_embeds, position_ids, attention_mask, *past)
         last = self.norm(x[:, -1, :])  # (B, H)
         return (torch.matmul(last, self.head_w_t), *presents)
 

@@ -23,7 +23,6 @@ from nora_edge import bundle
 from nora_edge.errors import ExportError
 from nora_edge.export.decoder import (
     DecoderForExport,
-    attention_bias,
     decoder_io_specs,
     decoder_spec,
     example_inputs,
@@ -35,14 +34,7 @@ class VerifyDecoderForExport(DecoderForExport):
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past):
         """Args: as :meth:`DecoderForExport.forward`. Returns (logits_all (B, S, rows), k0, v0, k1, v1, ...)."""
-        seq = inputs_embeds.shape[1]
-        cos, sin = self.rotary(position_ids)
-        mask = attention_bias(attention_mask, seq)
-        x = inputs_embeds
-        presents = []
-        for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
-            presents += [k, v]
+        x, presents = self.hidden_states(inputs_embeds, position_ids, attention_mask, *past)
         return (torch.matmul(self.norm(x), self.head_w_t), *presents)  # (B, S, rows)
 
 
