@@ -102,7 +102,9 @@ def record_inputs(
         if res.status != "ok":
             raise InputError(f"episode {ep.task} seed {ep.seed} failed: {res.error}")
         instruction = make_env(ep.task).instruction
-        got = res.frames if res.frames is not None else np.zeros((0, 1, 1, 3), np.uint8)
+        if res.frames is None:  # an ok episode calls the policy at least once (run_episode)
+            raise InputError(f"episode {ep.task} seed {ep.seed} recorded no frames")
+        got = res.frames
         frames.append(got)
         meta += [(ep.task, instruction, ep.seed, i) for i in range(len(got))]
         log(f"  {ep.task} seed {ep.seed}: {len(got)} calls, success {res.success} ({len(meta)}/{calls}, "
