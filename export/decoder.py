@@ -4,7 +4,9 @@ Data flow: inputs_embeds (B, S, H) + position_ids (3, B, S) + attention_mask (B,
 (B, kv_heads, P, hd) --per layer: RMSNorm -> q/k/v (bias) -> multimodal rotary (mrope sections of
 t/h/w positions) -> concat past -> GQA attention with a causal + padding additive mask built in-graph ->
 o_proj -> SwiGLU MLP--> final RMSNorm of the LAST position --head (sliced rows of the tied lm_head)-->
-logits (B, rows), present K/V (B, kv_heads, P+S, hd).
+logits (B, rows), present K/V (B, kv_heads, P+S, hd). With ``logits_all`` (``nora-edge export --multi-token``)
+the final RMSNorm and the head run on EVERY new position: logits_all (B, S, rows) is a second output and logits
+is its last row, so one graph (one copy of the weights) serves plain greedy and the multi-token verify call.
 
 One graph serves prefill (P = 0) and decode (S = 1). Batches must be LEFT-padded (attention_mask 0 on the
 pads): logits are taken at the last position of every row. The math mirrors transformers'
@@ -158,8 +160,11 @@ class DecoderForExport(nn.Module):
 
     layer_class: type[DecoderLayer] = DecoderLayer
 
-    def __init__(self, model: nn.Module, head_rows: list[int], *, free_source: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, head_rows: list[int], *, free_source: bool = False, logits_all: bool = False
+    ) -> None:
         super().__init__()
+        self.logits_all = logits_all
         lm = model.model.language_model
         self.rotary = MultimodalRotary(lm.rotary_emb)
         layers = []
@@ -190,8 +195,18 @@ class DecoderForExport(nn.Module):
         return x, presents
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        """Args: see module docstring; ``past`` = k0, v0, k1, v1, ... Returns (logits, k0, v0, k1, v1, ...)."""
+        """Args: see module docstring; ``past`` = k0, v0, k1, v1, ...
+
+        Returns:
+            (logits, k0, v0, k1, v1, ...); with ``logits_all`` (logits, logits_all, k0, v0, ...), where
+            logits_all (B, S, rows) is the head at every new position and logits its last row.
+        """
         x, presents = self.hidden_states(inputs_embeds, position_ids, attention_mask, *past)
+        if (
+            self.logits_all
+        ):  # one head MatMul over every position; logits is its last row (same graph, same bits)
+            every = torch.matmul(self.norm(x), self.head_w_t)  # (B, S, rows)
+            return (every[:, -1, :], every, *presents)
         last = self.norm(x[:, -1, :])  # (B, H)
         return (torch.matmul(last, self.head_w_t), *presents)
 
@@ -205,7 +220,10 @@ def decoder_io_specs(dec: DecoderForExport) -> tuple[list, list]:
         bundle.TensorSpec(bundle.POSITION_IDS, "int64", (3, "batch", "seq")),
         bundle.TensorSpec(bundle.ATTENTION_MASK, "int64", ("batch", "total")),
     ]
-    outs = [bundle.TensorSpec(bundle.LOGITS, "float32", ("batch", int(dec.head_w_t.shape[1])))]
+    rows = int(dec.head_w_t.shape[1])
+    outs = [bundle.TensorSpec(bundle.LOGITS, "float32", ("batch", rows))]
+    if dec.logits_all:
+        outs.append(bundle.TensorSpec(bundle.LOGITS_ALL, "float32", ("batch", "seq", rows)))
     past, present = kv_specs(dec.num_layers, kv, kv_out)
     return ins + past, outs + present
 
@@ -242,6 +260,7 @@ def export_decoder(
     *,
     head: str = "action",
     free_source: bool = False,
+    logits_all: bool = False,
 ) -> bundle.ComponentSpec:
     """Export the text decoder with KV cache to ONNX.
 
@@ -251,16 +270,19 @@ def export_decoder(
         head_rows: Qwen id per logits row (see :func:`head_rows_for`).
         head: "action" or "full" (recorded in the spec's meta).
         free_source: drop the HF decoder layers while copying them (the model is unusable afterwards).
+        logits_all: also output ``logits_all`` (B, S, rows), the head at every new position, for lossless
+            multi-token decoding (nora_edge.multitoken); meta ``logits_all: true``.
 
     Returns:
         the component spec for the manifest.
     """
     from nora_edge.export.onnx_io import export_module
 
-    dec = DecoderForExport(model, head_rows, free_source=free_source).eval()
+    dec = DecoderForExport(model, head_rows, free_source=free_source, logits_all=logits_all).eval()
     ins, outs = decoder_io_specs(dec)
     data_files = export_module(dec, example_inputs(dec), Path(out_path), ins, outs, varargs_from=3)
-    return decoder_spec(dec, out_path, data_files, ins, outs, head, len(head_rows))
+    extra = {"logits_all": True} if logits_all else {}
+    return decoder_spec(dec, out_path, data_files, ins, outs, head, len(head_rows), **extra)
 
 
 DIM_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "hidden_size")  # the runtime's Decoder reads these

@@ -102,8 +102,9 @@ def _set_shape(value: onnx.ValueInfoProto, dims: tuple) -> None:
             dim.dim_value = int(d)
 
 
-def _cut_head(model: onnx.ModelProto, rows: list[int]) -> None:
-    """lm_head: keep ``rows`` of the weight (H, V) -> (H, rows) and apply it to the last position only."""
+def _cut_head(model: onnx.ModelProto, rows: list[int], every: bool = False) -> None:
+    """lm_head: keep ``rows`` of the weight (H, V) -> (H, rows) and apply it to the last position only; with
+    ``every`` to every position (output ``logits_all`` (B, S, rows)), ``logits`` being its last row."""
     g = model.graph
     head = next((n for n in g.node if bundle.LOGITS in n.output), None)
     inits = {t.name: t for t in g.initializer}
@@ -120,6 +121,19 @@ def _cut_head(model: onnx.ModelProto, rows: list[int]) -> None:
     )
     last, picked = "/model/lm_head/last_position", "/model/lm_head/last_position/output_0"
     g.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), last))
+    if every:  # head over every position -> logits_all; Gather its last row -> logits
+        head.output[0] = bundle.LOGITS_ALL
+        at = list(g.node).index(head) + 1
+        g.node.insert(
+            at,
+            helper.make_node(
+                "Gather", [bundle.LOGITS_ALL, last], [bundle.LOGITS], name="/model/lm_head/Gather", axis=1
+            ),
+        )  # (B, S, rows) -> (B, rows)
+        outs = list(g.output)
+        pos = next(i for i, o in enumerate(outs) if o.name == bundle.LOGITS) + 1
+        g.output.insert(pos, helper.make_tensor_value_info(bundle.LOGITS_ALL, onnx.TensorProto.FLOAT, None))
+        return
     g.node.insert(
         list(g.node).index(head),
         helper.make_node("Gather", [head.input[0], last], [picked], name="/model/lm_head/Gather", axis=1),
@@ -139,9 +153,16 @@ def _cut_rotary(model: onnx.ModelProto, slots: int) -> None:
 
 
 def adapt_builder_graph(
-    model: onnx.ModelProto, rows: list[int], slots: int, num_layers: int, kv_heads: int, head_dim: int
+    model: onnx.ModelProto,
+    rows: list[int],
+    slots: int,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    every: bool = False,
 ) -> tuple[list[bundle.TensorSpec], list[bundle.TensorSpec]]:
-    """Adapt the builder's graph in place (module docstring) and return its (inputs, outputs) TensorSpecs.
+    """Adapt the builder's graph in place (module docstring) and return its (inputs, outputs) TensorSpecs;
+    ``every``: the head on every position too (``logits_all``, for multi-token decoding).
 
     Raises:
         ExportError: the graph is not the builder's shape this adapter knows (a fused op, the head or an
@@ -153,7 +174,7 @@ def adapt_builder_graph(
         raise ExportError(
             f"builder graph lacks {missing}: not the onnxruntime-genai output this adapter knows"
         )
-    _cut_head(model, rows)
+    _cut_head(model, rows, every)
     _cut_rotary(model, slots)
     del model.graph.value_info[
         :
@@ -174,6 +195,8 @@ def adapt_builder_graph(
         bundle.TensorSpec(bundle.ATTENTION_MASK, "int64", ("batch", "total")),
     ]
     outs = [bundle.TensorSpec(bundle.LOGITS, "float32", ("batch", len(rows)))]
+    if every:
+        outs.append(bundle.TensorSpec(bundle.LOGITS_ALL, "float32", ("batch", "seq", len(rows))))
     for i in range(num_layers):
         ins += [bundle.TensorSpec(f(i), "float32", kv) for f in (bundle.past_key, bundle.past_value)]
         outs += [bundle.TensorSpec(f(i), "float32", kv) for f in (bundle.present_key, bundle.present_value)]
@@ -193,6 +216,7 @@ def export_decoder_fused(
     *,
     head: str = "action",
     slots: int = DEFAULT_KV_SLOTS,
+    logits_all: bool = False,
 ) -> bundle.ComponentSpec:
     """Build, adapt and save the fused decoder; returns its manifest ComponentSpec.
 
@@ -203,6 +227,7 @@ def export_decoder_fused(
         dims: num_layers, num_kv_heads, head_dim, hidden_size of the text model.
         head: "action" or "full" (meta).
         slots: KV buffer length (max prompt + new tokens a request may hold).
+        logits_all: also output the head at every new position (meta ``logits_all: true``).
 
     Raises:
         ExportError: onnxruntime-genai missing, the builder failed, or its graph is not the expected one.
@@ -218,8 +243,9 @@ def export_decoder_fused(
         src = run_builder(Path(checkpoint), work / "model", work / "builder.log")
         model = onnx.load(str(src))
         ins, outs = adapt_builder_graph(
-            model, rows, slots, int(dims["num_layers"]), int(dims["num_kv_heads"]), int(dims["head_dim"])
-        )
+            model, rows, slots, int(dims["num_layers"]), int(dims["num_kv_heads"]), int(dims["head_dim"]),
+            logits_all,
+        )  # fmt: skip
         data_files = save_model_atomic(model, out_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -227,4 +253,5 @@ def export_decoder_fused(
         dims, out_path, data_files, ins, outs, head, len(rows),
         kv_cache=KV_LAYOUT, max_len=int(slots), graph="fused",
         builder={"package": "onnxruntime-genai", "version": version},
+        **({"logits_all": True} if logits_all else {}),
     )  # fmt: skip

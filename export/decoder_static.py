@@ -101,17 +101,26 @@ class StaticDecoderForExport(DecoderForExport):
 
     layer_class = StaticDecoderLayer
 
-    def __init__(self, model: nn.Module, head_rows: list[int], max_len: int, *, free_source: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        head_rows: list[int],
+        max_len: int,
+        *,
+        free_source: bool = False,
+        logits_all: bool = False,
+    ):
         if max_len < 2:
             raise ExportError(f"max_len must be >= 2 cache slots, got {max_len}")
-        super().__init__(model, head_rows, free_source=free_source)
+        super().__init__(model, head_rows, free_source=free_source, logits_all=logits_all)
         self.max_len = int(max_len)
 
     def forward(self, inputs_embeds, position_ids, cache_position, *past):
         """Module docstring's inputs; ``past`` = k0, v0, k1, v1, ...
 
         Returns:
-            (logits (1, rows), k0, v0, k1, v1, ...) with every K/V (1, Hkv, MAX, hd).
+            (logits (1, rows), k0, v0, k1, v1, ...) with every K/V (1, Hkv, MAX, hd); with ``logits_all``
+            (logits, logits_all (1, S, rows), k0, v0, ...), logits being logits_all's last row.
         """
         cos, sin = self.rotary(position_ids)
         bias = slot_bias(cache_position, self.max_len)
@@ -120,6 +129,9 @@ class StaticDecoderForExport(DecoderForExport):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, bias, cache_position, past[2 * i], past[2 * i + 1])
             presents += [k, v]
+        if self.logits_all:
+            every = torch.matmul(self.norm(x), self.head_w_t)  # (1, S, rows)
+            return (every[:, -1, :], every, *presents)
         last = self.norm(x[:, -1, :])  # (1, H)
         return (torch.matmul(last, self.head_w_t), *presents)
 
@@ -132,7 +144,10 @@ def static_io_specs(dec: StaticDecoderForExport) -> tuple[list, list]:
         bundle.TensorSpec(bundle.POSITION_IDS, "int64", (3, 1, "seq")),
         bundle.TensorSpec(CACHE_POSITION, "int64", ("seq",)),
     ]
-    outs = [bundle.TensorSpec(bundle.LOGITS, "float32", (1, int(dec.head_w_t.shape[1])))]
+    rows = int(dec.head_w_t.shape[1])
+    outs = [bundle.TensorSpec(bundle.LOGITS, "float32", (1, rows))]
+    if dec.logits_all:
+        outs.append(bundle.TensorSpec(bundle.LOGITS_ALL, "float32", (1, "seq", rows)))
     past, present = kv_specs(dec.num_layers, kv, kv)
     return ins + past, outs + present
 
@@ -161,6 +176,7 @@ def export_decoder_static(
     head: str = "action",
     free_source: bool = False,
     check_versions: tuple[str, ...] = ("10.3", "latest"),
+    logits_all: bool = False,
 ) -> bundle.ComponentSpec:
     """Export the static-KV text decoder to ONNX and check it against TensorRT's operator tables.
 
@@ -173,6 +189,7 @@ def export_decoder_static(
         free_source: drop the HF decoder layers while copying them (the model is unusable afterwards).
         check_versions: TensorRT versions the graph is checked against
             (:func:`~nora_edge.export.trt_support.assert_tensorrt_compatible`).
+        logits_all: also output the head at every new position (meta ``logits_all: true``; multi-token decoding).
 
     Returns:
         the component spec; meta adds ``kv_cache`` = "static", ``max_len`` and ``cache_position_input``.
@@ -184,7 +201,9 @@ def export_decoder_static(
     from nora_edge.export.onnx_io import export_module
     from nora_edge.export.trt_support import assert_tensorrt_compatible
 
-    dec = StaticDecoderForExport(model, head_rows, max_len, free_source=free_source).eval()
+    dec = StaticDecoderForExport(
+        model, head_rows, max_len, free_source=free_source, logits_all=logits_all
+    ).eval()
     ins, outs = static_io_specs(dec)
     data_files = export_module(dec, static_example_inputs(dec), Path(out_path), ins, outs, varargs_from=3)
     for version in check_versions:
@@ -192,4 +211,5 @@ def export_decoder_static(
     return decoder_spec(
         dec, out_path, data_files, ins, outs, head, len(head_rows),
         kv_cache=KV_LAYOUT, max_len=dec.max_len, cache_position_input=CACHE_POSITION,
+        **({"logits_all": True} if logits_all else {}),
     )  # fmt: skip

@@ -144,6 +144,7 @@ def export_bundle(
     mask: Sequence[bool] | None = None,
     target: str = "onnxruntime",
     decoder_graph: str = "portable",
+    multi_token: bool = False,
 ) -> Path:
     """Export a NORA checkpoint to a bundle directory.
 
@@ -191,6 +192,9 @@ def export_bundle(
         decoder_graph: onnxruntime target: "portable" (the traced graph, standard ops, KV grown by concatenation)
             or "fused" (onnxruntime-genai's builder graph adapted to the bundle: GroupQueryAttention over fixed
             KV buffers updated in place, MRotaryEmbedding, fused RMSNorm; decoder_fused.py).
+        multi_token: the decoder (portable, fused or static) also outputs ``logits_all`` (the head at every new
+            position) for lossless multi-token decoding (``NoraPolicy.load(..., decoding="multi-token")``); validated against HF at every
+            prompt position, and the multi-token loop against the plain loop's ids.
 
     Returns:
         ``out`` as a Path (a bundle that ``nora_edge.bundle.Bundle.load`` accepts).
@@ -250,6 +254,7 @@ def export_bundle(
                 mask=mask,
                 decoder_graph=decoder_graph,
                 target=target,
+                multi_token=multi_token,
             ),
         )
     ckpt = NoraCheckpoint.load(checkpoint, fast_dir, time_horizon=time_horizon)
@@ -281,6 +286,7 @@ def export_bundle(
             tuple(validation_instructions) if validation_instructions is not None else None,
             target,
             decoder_graph,
+            multi_token,
         )
         sections = export_graphs(ckpt, staging, opts, done)
         if _overlay is not None:  # the base directory is the source; the overlaid copy was temporary
@@ -299,6 +305,7 @@ def export_bundle(
             "head": head,
             "target": target,
             "decoder_graph": decoder_graph,
+            "multi_token": multi_token,
         }
         path = writer.commit(sections)
         done("manifest")
@@ -318,6 +325,7 @@ class ExportOptions:
     validation_instructions: tuple[str, ...] | None
     target: str = "onnxruntime"
     decoder_graph: str = "portable"
+    multi_token: bool = False
 
 
 def export_graphs(
@@ -374,7 +382,7 @@ def export_graphs(
     gc.collect()
     done("vision")
     if opts.target == "tensorrt":
-        dspec = export_static_decoder(model, staging, sections, rows, ckpt, grid, head)
+        dspec = export_static_decoder(model, staging, sections, rows, ckpt, grid, head, opts.multi_token)
     elif opts.decoder_graph == "fused":
         from nora_edge.export.decoder_fused import export_decoder_fused
 
@@ -387,9 +395,18 @@ def export_graphs(
         }
         model = None  # freed before the builder (a subprocess) loads its own copy of the checkpoint
         gc.collect()
-        dspec = export_decoder_fused(ckpt.path, staging / bundle.DECODER_ONNX, rows, dims, head=head)
+        dspec = export_decoder_fused(
+            ckpt.path, staging / bundle.DECODER_ONNX, rows, dims, head=head, logits_all=opts.multi_token
+        )
     else:
-        dspec = export_decoder(model, staging / bundle.DECODER_ONNX, rows, head=head, free_source=True)
+        dspec = export_decoder(
+            model,
+            staging / bundle.DECODER_ONNX,
+            rows,
+            head=head,
+            free_source=True,
+            logits_all=opts.multi_token,
+        )
     del model
     gc.collect()
     done("decoder")
@@ -427,7 +444,9 @@ def policy_references(ckpt: NoraCheckpoint, model, processor, rows: list[int], o
 
     reference = ReferencePolicy(ckpt, model, processor, FastTokenizer.from_pretrained(ckpt.fast.path))
     pairs = held_out_pairs(opts.validation_prompts, opts.validation_instructions or INSTRUCTIONS)
-    return reference_cases(reference, rows, pairs, table_dtype=opts.embeddings_dtype)
+    return reference_cases(
+        reference, rows, pairs, table_dtype=opts.embeddings_dtype, every_position=opts.multi_token
+    )
 
 
 def export_quantized(
@@ -465,7 +484,9 @@ def export_quantized(
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def export_static_decoder(model, staging: Path, sections: dict, rows: list[int], ckpt, grid, head: str):
+def export_static_decoder(
+    model, staging: Path, sections: dict, rows: list[int], ckpt, grid, head: str, logits_all: bool = False
+):
     """The TensorRT-flavor decoder (static KV) sized for this bundle's longest prompt; also checks the staged
     vision graph against TensorRT's tables. Sets ``prompt.max_instruction_tokens`` (the runtime's limit)."""
     from nora_edge.export.decoder_static import export_decoder_static, static_max_len
@@ -483,7 +504,7 @@ def export_static_decoder(model, staging: Path, sections: dict, rows: list[int],
         assert_tensorrt_compatible(staging / bundle.VISION_ONNX, version)
     spec = export_decoder_static(
         model, staging / bundle.DECODER_ONNX, rows, max_len, head=head, free_source=True,
-        check_versions=TRT_CHECK_VERSIONS,
+        check_versions=TRT_CHECK_VERSIONS, logits_all=logits_all,
     )  # fmt: skip
     from nora_edge.export.trt_engine import tensorrt_section
 

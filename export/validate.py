@@ -38,7 +38,13 @@ from nora_edge.vision_index import vision_index_from_config
 # fp32 real-shape 3B decoder measured 1.5e-6 vs torch fp32. 1e-5 keeps ~7x headroom over the 3B measurement
 # and is still 3x below what rounding the input table to fp16 does to the tiny model's logits (3.1e-5), so
 # a graph fed the wrong table fails it. The vision tower's window attention adds error (1e-4).
-TOLERANCES = {"vision": 1e-4, "decoder_prefill": 1e-5, "decoder_decode": 1e-5, "decoder_table": 1e-5}
+TOLERANCES = {
+    "vision": 1e-4,
+    "decoder_prefill": 1e-5,
+    "decoder_decode": 1e-5,
+    "decoder_table": 1e-5,
+    "decoder_prefill_all": 1e-5,  # --multi-token: logits_all at every prompt position, same scale as the last one
+}
 INSTRUCTIONS = (
     "pick up the red block and place it in the bowl",
     "Open the top drawer.",
@@ -119,6 +125,9 @@ class PromptCase:
     prefill_logits: np.ndarray  # (rows,) HF logits of the last prompt position, head rows
     decode_logits: np.ndarray  # (rows,) HF logits after appending the reference's first generated id
     table_logits: np.ndarray  # (rows,) prefill logits with the input embeddings rounded to the table dtype
+    prefill_logits_all: np.ndarray | None = (
+        None  # (S, rows) HF logits at every prompt position (--multi-token)
+    )
 
 
 @torch.inference_mode()
@@ -136,16 +145,18 @@ def vision_cases(model, grids=VISION_GRIDS, seed: int = 1234) -> list[VisionCase
 
 
 def _last_logits(
-    model, inputs: dict, rows: torch.Tensor, table_dtype: torch.dtype | None = None
+    model, inputs: dict, rows: torch.Tensor, table_dtype: torch.dtype | None = None, *, every: bool = False
 ) -> np.ndarray:
-    """HF logits of the last position on the head rows; with ``table_dtype`` the embedding lookup's output
-    (the table rows, before the image features are scattered in) is rounded to it, as in the runtime's table."""
+    """HF logits of the last position on the head rows, (rows,); ``every``: of every position, (S, rows). With
+    ``table_dtype`` the embedding lookup's output (the table rows, before the image features are scattered in)
+    is rounded to it, as in the runtime's table."""
     emb = model.get_input_embeddings()
     hook = None
     if table_dtype is not None:
         hook = emb.register_forward_hook(lambda m, args, out: out.to(table_dtype).to(out.dtype))
     try:
-        return model(**inputs).logits[0, -1][rows].float().numpy()
+        logits = model(**inputs).logits[0]  # (S, vocab)
+        return (logits[:, rows] if every else logits[-1][rows]).float().numpy()
     finally:
         if hook is not None:
             hook.remove()
@@ -153,7 +164,12 @@ def _last_logits(
 
 @torch.inference_mode()
 def reference_cases(
-    reference, head_rows: list[int], pairs: list[tuple[np.ndarray, str]], *, table_dtype: str = "float16"
+    reference,
+    head_rows: list[int],
+    pairs: list[tuple[np.ndarray, str]],
+    *,
+    table_dtype: str = "float16",
+    every_position: bool = False,
 ) -> list[PromptCase]:
     """Run NORA's reference and the HF pieces on held-out pairs; see the module docstring.
 
@@ -162,6 +178,7 @@ def reference_cases(
         head_rows: Qwen id per logits row of the decoder graph.
         pairs: (frame, instruction) pairs (:func:`held_out_pairs`).
         table_dtype: the bundle's embeddings dtype ("float16" or "float32").
+        every_position: also keep HF's prefill logits at every prompt position (a ``--multi-token`` decoder).
     """
     model = reference.model
     rows = torch.tensor(head_rows)
@@ -180,7 +197,8 @@ def reference_cases(
             inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
         )
         feats = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
-        prefill = _last_logits(model, inputs, rows)
+        every = _last_logits(model, inputs, rows, every=True)  # (S, rows)
+        prefill = every[-1]
         cases.append(
             PromptCase(
                 image=image,
@@ -194,6 +212,7 @@ def reference_cases(
                 prefill_logits=prefill,
                 decode_logits=_last_logits(model, longer, rows),
                 table_logits=prefill if rounding is None else _last_logits(model, inputs, rows, rounding),
+                prefill_logits_all=every if every_position else None,
             )
         )
     return cases
@@ -243,9 +262,13 @@ class OrtDecoder:
         self.sess, self.meta = sess, spec.meta
         self.n = int(spec.meta["num_layers"])
         self.kv_names = [f(i) for i in range(self.n) for f in (bundle.past_key, bundle.past_value)]
-        self.out_names = [bundle.LOGITS] + [
-            f(i) for i in range(self.n) for f in (bundle.present_key, bundle.present_value)
-        ]
+        self.every = any(o.name == bundle.LOGITS_ALL for o in spec.outputs)  # a --multi-token decoder
+        self.out_names = (
+            [bundle.LOGITS]
+            + ([bundle.LOGITS_ALL] if self.every else [])
+            + [f(i) for i in range(self.n) for f in (bundle.present_key, bundle.present_value)]
+        )
+        self.last_all: np.ndarray | None = None  # (S, rows) logits_all of the last step (every only)
 
         # fixed (1, kv, max_len, hd) buffers: the TensorRT flavor (decoder_static.py) writes them at cache_position,
         # the fused flavor (decoder_fused.py) at the slots after the attention_mask's tokens
@@ -274,6 +297,9 @@ class OrtDecoder:
         else:
             feeds[bundle.ATTENTION_MASK] = np.ones((1, total), np.int64)
         out = self.sess.run(self.out_names, feeds)
+        if self.every:
+            self.last_all = out[1][0]
+            return out[0][0], (total, out[2:])
         return out[0][0], (total, out[1:])
 
 
@@ -292,12 +318,19 @@ def check_decoder(
 ) -> dict:
     """Prefill and first-decode-step logits vs HF (fp32 table and HF image features, so only the decoder is
     measured), and prefill logits with the shipped table vs HF with its input embeddings rounded alike."""
-    pre, step, tab, rounding = [], [], [], []
+    pre, step, tab, rounding, every, last_row_equal = [], [], [], [], [], 0
     for c in cases:
         logits, past = dec.step(
             prompt_embeds(c, table, image_pad_id, c.image_features), c.position_ids, dec.empty_past()
         )
         pre.append(relative_error(logits, c.prefill_logits))
+        if dec.every:
+            if c.prefill_logits_all is None:
+                raise ExportError(
+                    "validation: the decoder has logits_all but the references hold no per-position logits"
+                )
+            every.append(relative_error(dec.last_all, c.prefill_logits_all))
+            last_row_equal += int(np.array_equal(dec.last_all[-1], logits))
         pos = np.full((3, 1, 1), int(c.position_ids.max()) + 1, np.int64)
         first = c.reference.ids[:1]
         logits2, _ = dec.step(table[first][None].astype(np.float32), pos, past)
@@ -305,7 +338,21 @@ def check_decoder(
         embeds = prompt_embeds(c, shipped, image_pad_id, c.image_features)
         tab.append(relative_error(dec.step(embeds, c.position_ids, dec.empty_past())[0], c.table_logits))
         rounding.append(relative_error(c.table_logits, c.prefill_logits)[1])
-    return {
+    results = (
+        {}
+        if not every
+        else {
+            "decoder_prefill_all": {
+                **stage_result(every, TOLERANCES["decoder_prefill_all"], prompts=len(cases)),
+                "positions": int(sum(c.prefill_logits_all.shape[0] for c in cases)),
+                # logits is logits_all's last row in the graph: anything else is a broken export
+                "last_row_equals_logits": last_row_equal,
+            }
+        }
+    )
+    if every and last_row_equal != len(cases):
+        results["decoder_prefill_all"]["passed"] = False
+    return results | {
         "decoder_prefill": stage_result(pre, TOLERANCES["decoder_prefill"], prompts=len(cases)),
         "decoder_decode": stage_result(step, TOLERANCES["decoder_decode"], prompts=len(cases)),
         "decoder_table": stage_result(

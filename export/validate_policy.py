@@ -243,4 +243,78 @@ def check_runtime(staging: Path, sections: dict, cases: list) -> dict:
     if b.actions.head == "full":
         with NoraPolicy.load(b, providers="cpu", constrained=False) as policy:
             results["hf_parity"] = compare_hf_parity(policy, cases)
+    if b.components["decoder"].meta.get("logits_all"):
+        pairs = [(c.image, c.instruction, c.reference.unnorm_key) for c in cases]
+        results["multi_token"] = compare_multi_token(b, pairs)
     return results
+
+
+def compare_multi_token(b, pairs: list[tuple]) -> dict:
+    """Multi-token decoding vs the plain loop of the same bundle: identical generated ids on every pair.
+
+    Each pair runs twice in multi-token mode (the second pass drafts from the first, so verify calls with accepted
+    proposals are exercised), against one plain run. The draft table never gates (``min_rate`` 0).
+
+    Args:
+        b: a loaded bundle whose decoder has ``logits_all``.
+        pairs: (frame (H, W, 3) uint8, instruction, unnorm key or None).
+
+    Returns:
+        the manifest entry: pairs, runs compared, ids_equal, decoder calls (plain, multi-token), verify_calls,
+        accepted proposals, fallbacks, passed; and what the tie-margin guard has to cover on this bundle: the
+        plain ids re-run as one verify call vs the sequential steps (``batched_vs_sequential``: positions,
+        max_abs) and ``guaranteed`` = max_abs < tie_margin / 2 (then equal ids follow from the guard, not only
+        from the pairs tried; ``nora_edge.multitoken`` module docstring).
+    """
+    from nora_edge.drafts import DraftTable
+    from nora_edge.multitoken import DEFAULT_TIE_MARGIN
+    from nora_edge.multitoken_runner import MultiTokenRunner, batched_vs_sequential
+    from nora_edge.policy import NoraPolicy
+
+    plain_ids, plain_calls = [], 0
+    with NoraPolicy.load(b, providers="cpu", forced_tokens="flag") as policy:
+        for pair in pairs:
+            plain_ids.append(_chunk_ids(policy, *pair))
+            plain_calls += 2 * max(
+                plain_ids[-1].size - 1, 0
+            )  # the plain loop: one call per token but the last
+    counts = dict.fromkeys(
+        ("compared", "ids_equal", "decoder_calls", "verify_calls", "accepted", "fallbacks"), 0
+    )
+    with NoraPolicy.load(b, providers="cpu", forced_tokens="flag", decoding="multi-token") as policy:
+        policy.multi_token.drafts = DraftTable(min_rate=0.0)
+        for _ in range(2):
+            for pair, want in zip(pairs, plain_ids, strict=True):
+                got = _chunk_ids(policy, *pair)
+                st = policy.multi_token.last_stats
+                counts["compared"] += 1
+                counts["ids_equal"] += int(np.array_equal(got, want))
+                counts["decoder_calls"] += st.decoder_calls
+                counts["verify_calls"] += st.verify_calls
+                counts["accepted"] += st.accepted
+                counts["fallbacks"] += int(st.fallback)
+        runner = MultiTokenRunner(policy)
+        numerics = [batched_vs_sequential(runner, image, text) for image, text, _ in pairs]
+    max_abs = max((d["max_abs"] for d in numerics), default=0.0)
+    return {
+        "pairs": len(pairs),
+        **counts,
+        "plain_decoder_calls": plain_calls,
+        "batched_vs_sequential": {
+            "positions": sum(d["positions"] for d in numerics),
+            "max_abs": max_abs,
+            "selection_changed": sum(d["changed"] for d in numerics),
+        },
+        "tie_margin": DEFAULT_TIE_MARGIN,
+        "guaranteed": bool(max_abs < DEFAULT_TIE_MARGIN / 2),
+        "passed": counts["compared"] == 2 * len(pairs) and counts["ids_equal"] == counts["compared"],
+    }
+
+
+def _chunk_ids(policy, image, instruction, unnorm_key) -> np.ndarray:
+    """The ids a chunk generated (kept by the policy even when its decode then fails)."""
+    try:
+        policy.run_chunk(image, instruction, unnorm_key)
+    except DetokenizationError:
+        pass
+    return policy.last_ids

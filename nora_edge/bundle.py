@@ -13,7 +13,7 @@ Layout (names are the constants below)::
     manifest.json          schema below, written last
     vision.onnx            pixel_values (+ host index tensors unless specialised) -> image_embeds
     decoder.onnx (+.data)  inputs_embeds, position_ids, attention_mask, past KV -> logits (last pos), present KV
-    decoder_verify.onnx    optional: the same decoder with logits_all (every new position), for multi-token
+                           (+ logits_all, every new position, when exported with --multi-token; meta logits_all)
     embeddings.npy         (vocab, hidden) token embedding table (fp16 by default)
     tokenizer.json         the checkpoint's Qwen tokenizer (instruction -> ids)
     codec/                 FAST processor_config.json, tokenizer.json, byte_table.npz
@@ -48,8 +48,6 @@ SCHEMA_VERSION = 1
 # --- files inside a bundle ---------------------------------------------------------------------------
 VISION_ONNX = "vision.onnx"
 DECODER_ONNX = "decoder.onnx"
-DECODER_VERIFY = "decoder_verify"  # optional component: multi-token verify graph (nora_edge.multitoken)
-DECODER_VERIFY_ONNX = "decoder_verify.onnx"
 EMBEDDINGS = "embeddings.npy"
 TOKENIZER = "tokenizer.json"
 CODEC_DIR = "codec"
@@ -69,7 +67,7 @@ INPUTS_EMBEDS = "inputs_embeds"  # (batch, seq, hidden) float32
 POSITION_IDS = "position_ids"  # (3, batch, seq) int64 (mrope t/h/w)
 ATTENTION_MASK = "attention_mask"  # (batch, past + seq) int64, 1 = attend
 LOGITS = "logits"  # (batch, rows) float32, last position only
-LOGITS_ALL = "logits_all"  # (batch, seq, rows) float32, every new position (decoder_verify only)
+LOGITS_ALL = "logits_all"  # (batch, seq, rows) float32, every new position (--multi-token decoders only)
 
 
 def past_key(i: int) -> str:
@@ -177,15 +175,6 @@ class Bundle:
         if rel not in self.manifest["files"]:
             raise BundleError(f"{self.path}: '{rel}' is not listed in {MANIFEST}")
         return self.path / rel
-
-    def optional_component(self, name: str) -> ComponentSpec | None:
-        """An optional component's spec (e.g. :data:`DECODER_VERIFY`), None when the manifest has none.
-
-        Raises:
-            BundleError: the entry is malformed.
-        """
-        d = self.manifest["components"].get(name)
-        return None if d is None else ComponentSpec.from_json(d, f"components.{name}")
 
     @property
     def embeddings(self) -> dict:
@@ -349,6 +338,8 @@ def format_info(info: dict) -> str:
     if "postprocess" in info:
         steps = Chain.from_json(info["postprocess"], BundleError, "postprocess").describe()
         lines += [f"{'postprocess' if i == 0 else '':<15}{i + 1}. {t}" for i, t in enumerate(steps)]
+    if info["components"]["decoder"].get("logits_all"):
+        lines.append(f"multi-token    {multi_token_line(info['validation'].get('multi_token'))}")
     if info["validation"].get("kind") == QUANTIZED_VALIDATION:
         return "\n".join(lines + format_quantized_validation(info["validation"]))
     for stage, res in info["validation"].items():
@@ -365,6 +356,19 @@ def format_info(info: dict) -> str:
                 )
             lines.append(f"validation     {stage}: {status}{err_txt}")
     return "\n".join(lines)
+
+
+def multi_token_line(mt: dict | None) -> str:
+    """``nora-edge info``'s line for a ``--multi-token`` decoder: its own multi-token check, if validated."""
+    if not mt:
+        return "decoder has logits_all (decoding='multi-token'); not validated (exported with validation off)"
+    gap = mt.get("batched_vs_sequential", {}).get("max_abs")
+    how = "guaranteed by the tie margin" if mt.get("guaranteed") else "equal where measured, not guaranteed"
+    return (
+        f"ids equal to the plain loop on {mt.get('ids_equal')}/{mt.get('compared')} chunks, decoder calls "
+        f"{mt.get('plain_decoder_calls')} -> {mt.get('decoder_calls')}; batched vs sequential logits max "
+        f"{gap:.2g} ({how})"
+    )
 
 
 # validation.kind of a quantized bundle (written by nora_edge.export.quantize.thresholds)

@@ -159,12 +159,20 @@ def quantize_bundle(
                 labels=(f"{src_b.path.name} (fp32)", f"{out.name} ({r.name})"),
             )
             checks = check_fidelity(r.fidelity, report["aggregates"])
+            multi = _multi_token_check(tmp, held, key)
             validation = validation_section(
                 checks, report["aggregates"], recipe=r.name, source=source, accepted=accept_degraded,
                 report=REPORT_JSON,
             )  # fmt: skip
+            if multi is not None:  # this bundle's own multi-token loop vs its own plain loop
+                validation["multi_token"] = report["multi_token"] = multi
             report["validation"] = validation
             failures = [c for c in checks if c.passed is False]
+            if multi is not None and not multi["passed"]:
+                raise ExportError(
+                    f"quantize {out}: multi-token decoding gave other ids than the plain loop on "
+                    f"{multi['compared'] - multi['ids_equal']} of {multi['compared']} held-out chunks: {multi}"
+                )
             if failures:
                 message = gate_message(str(out), r.name, src_b.path.name, len(held), failures)
                 if not accept_degraded:
@@ -220,6 +228,16 @@ def _write_quantized(
         sections["export"] = {**manifest.get("export", {}), "precision": r.name}
         w.commit(sections)
     return sections
+
+
+def _multi_token_check(tmp: Path, held: Sequence[CalibrationSample], key: str | None) -> dict | None:
+    """For a ``--multi-token`` decoder: its multi-token ids vs its plain ids on the held-out samples, else None."""
+    b = Bundle.load(tmp)
+    if not b.components["decoder"].meta.get("logits_all"):
+        return None
+    from nora_edge.export.validate_policy import compare_multi_token
+
+    return compare_multi_token(b, [(s.image, s.instruction, key) for s in held])
 
 
 def _check_tensorrt(tmp: Path, sections: dict, r: BundleRecipe, trt: dict) -> dict:

@@ -7,6 +7,8 @@ validation live in recipes.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nora_edge.errors import InputError
 
 from .recipes import (
@@ -89,6 +91,18 @@ def _builtin() -> dict[str, BundleRecipe]:
             int8,
             int4,
             int4,
+            emb16,
+            INT4_FIDELITY,
+        ),
+        BundleRecipe(
+            "int4-f32act",
+            "weight-only int4 MatMulNBits (RTN, block 128) with fp32 compute (accuracy_level 1); vision int8. For "
+            "--multi-token bundles: a verify call's logits then equal the sequential step's to fp32 rounding "
+            "(int8 compute differed by up to 0.18 logits on the MetaWorld policy), so the tie-margin guard "
+            "guarantees plain-greedy ids; ~1.5x slower decode on x86 CPU than int8 compute (measured)",
+            int8,
+            replace(int4, accuracy_level=1),
+            replace(int4, accuracy_level=1),
             emb16,
             INT4_FIDELITY,
         ),
