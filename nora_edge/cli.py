@@ -134,6 +134,14 @@ def export_cmd(
             "adapted: GroupQueryAttention over in-place KV buffers, fused RMSNorm and rotary)"
         ),
     ] = "portable",
+    multi_token: Annotated[
+        bool,
+        typer.Option(
+            "--multi-token",
+            help="portable decoder with logits at every new position (logits_all) for lossless multi-token "
+            "decoding (`nora-edge run --decoding multi-token`); validated vs HF and vs the plain loop's ids",
+        ),
+    ] = False,
 ) -> None:
     """Export a NORA checkpoint to a runtime bundle (ONNX + manifest), validated against PyTorch."""
     from nora_edge.export.pipeline import export_bundle
@@ -163,6 +171,7 @@ def export_cmd(
             mask=_mask(mask),
             target=target,
             decoder_graph=decoder_graph,
+            multi_token=multi_token,
         )
     except NoraEdgeError as e:
         _fail(e)
@@ -266,6 +275,8 @@ def run_json(actions, policy) -> dict:
         "mode": out.mode,
         "providers": t["providers"],
         "codec_backend": t["codec_backend"],
+        "decoding": t["decoding"],
+        "decoder_calls": t["decoder_calls"],
     }
 
 
@@ -285,13 +296,22 @@ def run(
     kernels: Annotated[
         str, typer.Option(help="FAST codec backend: auto (libnora_fast when built, else numpy), c, numpy")
     ] = "auto",
+    decoding: Annotated[
+        str,
+        typer.Option(
+            help="plain | multi-token (proposals verified several per decoder call, same ids; a bundle "
+            "exported with --multi-token)"
+        ),
+    ] = "plain",
 ) -> None:
     """Predict one action chunk (T, D) with the runtime."""
     from nora_edge.image_io import load_image
     from nora_edge.policy import NoraPolicy
 
     try:
-        policy = NoraPolicy.load(bundle, forced_tokens="flag" if allow_forced else "raise", kernels=kernels)
+        policy = NoraPolicy.load(
+            bundle, forced_tokens="flag" if allow_forced else "raise", kernels=kernels, decoding=decoding
+        )
         actions = policy.predict_action_chunk(load_image(image), instruction, unnorm_key=unnorm_key)
     except NoraEdgeError as e:
         _fail(e)

@@ -46,6 +46,9 @@ def register(app: typer.Typer, fail: Callable[[Exception], None]) -> None:
         ] = "raise",
         max_repaired: Annotated[int, typer.Option(help="repaired tokens a chunk may hold under 'raise'")] = 0,
         kernels: Annotated[str, typer.Option(help="FAST codec backend: auto, c, numpy")] = "auto",
+        decoding: Annotated[
+            str, typer.Option(help="plain | multi-token (a bundle exported with --multi-token; same ids)")
+        ] = "plain",
         ray: Annotated[
             bool, typer.Option("--ray", help="serve N replicas on Ray Serve (one policy per replica)")
         ] = False,
@@ -71,13 +74,16 @@ def register(app: typer.Typer, fail: Callable[[Exception], None]) -> None:
                 url = ray_app.serve_ray(
                     bundle, replicas=replicas, host=host, port=port, address=address, config=config,
                     threads=threads or 1,
-                    load_kwargs={"forced_tokens": forced_tokens, "max_repaired": max_repaired, "kernels": kernels},
+                    load_kwargs={
+                        "forced_tokens": forced_tokens, "max_repaired": max_repaired, "kernels": kernels,
+                        "decoding": decoding,
+                    },
                 )  # fmt: skip
                 ray_app.run_forever(url, typer.echo)
                 return
             load_and_serve(
                 bundle, config, host, port, threads=threads, forced_tokens=forced_tokens, max_repaired=max_repaired,
-                kernels=kernels,
+                kernels=kernels, decoding=decoding,
             )  # fmt: skip
         except NoraEdgeError as e:
             fail(e)

@@ -4,7 +4,9 @@ firmware links, driven from Python for parity tests and side-by-side benchmarks.
 Data flow: ``EdgePolicy.load(bundle, onnxruntime=...)`` --nora_policy_create (bundle verified, both graphs opened
 through the given libonnxruntime, prompt prefix prefilled)--> ``step(frame, instruction, unnorm_key)``
 --nora_policy_step--> :class:`EdgeChunk` (actions (T, D) float64, generated ids, token classes, timings);
-``select_action`` / ``reset`` mirror :class:`nora_edge.policy.NoraPolicy`'s queue. A non-OK status raises the
+``select_action`` / ``reset`` mirror :class:`nora_edge.policy.NoraPolicy`'s queue; ``decoding="multi-token"``
+runs the library's lossless multi-token loop (nora_edge/multitoken.py's algorithm; counters in
+:attr:`EdgeChunk.counters`). A non-OK status raises the
 Python runtime's exception for it (InputError, BundleError, DetokenizationError, ForcedTokenError) with the
 library's message.
 
@@ -15,7 +17,8 @@ pip wheel's ``onnxruntime/capi/libonnxruntime.so.1.*`` by default (:func:`wheel_
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +51,21 @@ class _Options(ctypes.Structure):
         ("device_id", ctypes.c_int32),
         ("trt_cache_dir", ctypes.c_char_p),
         ("trt_fp16", ctypes.c_int32),
+        # ABI 0.4
+        ("decoding", ctypes.c_int32),
+        ("max_draft", ctypes.c_int32),
+        ("tie_margin", ctypes.c_double),
+        ("gate_rate", ctypes.c_double),
+        ("adaptive_draft", ctypes.c_int32),
     ]
 
 
 # nora_edge_provider (nora_edge.h): where the graphs run
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+# nora_edge_decoding (nora_edge.h, ABI 0.4): the names of nora_edge.policy.DECODINGS
+DECODINGS = ("plain", "multi-token")
+# nora_chunk_info's ABI 0.4 counters (EdgeChunk.counters)
+COUNTERS = ("decoder_calls", "verify_calls", "proposed", "accepted", "fallback")
 
 
 class _Info(ctypes.Structure):
@@ -81,6 +94,8 @@ class _ChunkInfo(ctypes.Structure):
         ],
         ("decode_step_min_s", ctypes.c_double),
         ("decode_step_max_s", ctypes.c_double),
+        # ABI 0.4
+        *[(n, ctypes.c_int32) for n in COUNTERS],
     ]
 
 
@@ -146,6 +161,9 @@ class EdgeChunk:
         token_classes: (N,) names from ``nora_edge.generate.TOKEN_CLASSES``.
         flagged: a token was not the model's own choice.
         timings: seconds per stage (preprocess, vision, prefill, decode, detokenize, total, decode_step_min/max).
+        counters: the decode loop's counts (nora_chunk_info, ABI 0.4): decoder_calls (after the prefill),
+            verify_calls, proposed, accepted (multi-token drafts) and fallback (bool: a near tie re-decoded the
+            chunk plainly), as :class:`nora_edge.multitoken.MultiTokenStats` names them.
     """
 
     actions: np.ndarray
@@ -153,6 +171,7 @@ class EdgeChunk:
     token_classes: tuple[str, ...]
     flagged: bool
     timings: dict
+    counters: dict = field(default_factory=dict)
 
 
 class EdgePolicy:
@@ -181,14 +200,31 @@ class EdgePolicy:
         device_id: int = 0,
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = False,
+        decoding: str = "plain",
+        max_draft: int = 6,
+        tie_margin: float | None = 1e-3,
+        gate_rate: float = 0.0,
+        adaptive_draft: bool = False,
     ) -> EdgePolicy:
         """nora_policy_create; ``forced_tokens`` "raise" / "flag" as :class:`nora_edge.policy.NoraPolicy`;
         ``provider`` "cpu" / "cuda" / "tensorrt" (an onnxruntime without it: EdgeRuntimeError, status
-        "unsupported", naming the providers it has)."""
+        "unsupported", naming the providers it has); ``decoding`` "plain" / "multi-token" with ``max_draft``
+        (1 .. 32), ``tie_margin`` (None: guard off), ``gate_rate`` ([0, 1], 0: no gate) and ``adaptive_draft``
+        as :class:`nora_edge.multitoken.MultiTokenConfig` (ranges checked by the library; a bundle without
+        ``logits_all``: BundleError)."""
         if forced_tokens not in ("raise", "flag"):
             raise InputError(f"forced_tokens must be 'raise' or 'flag', got {forced_tokens!r}")
         if provider not in PROVIDERS:
             raise InputError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        if decoding not in DECODINGS:
+            raise InputError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or not -(2**31) <= max_draft < 2**31:
+            raise InputError(f"max_draft must be an int in [1, 32], got {max_draft!r}")
+        t = tie_margin
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf):
+            raise InputError(f"tie_margin must be None or a finite number >= 0, got {t!r}")
+        if isinstance(gate_rate, bool) or not isinstance(gate_rate, int | float):
+            raise InputError(f"gate_rate must be a number in [0, 1], got {gate_rate!r}")
         lib = load_library(library)
         opts = _Options()
         lib.nora_policy_options_init(ctypes.byref(opts))
@@ -197,6 +233,9 @@ class EdgePolicy:
         opts.forced_tokens, opts.max_repaired = int(forced_tokens == "flag"), max_repaired
         opts.provider, opts.device_id, opts.trt_fp16 = PROVIDERS.index(provider), device_id, int(trt_fp16)
         opts.trt_cache_dir = str(trt_cache_dir).encode() if trt_cache_dir is not None else None
+        opts.decoding, opts.max_draft = DECODINGS.index(decoding), max_draft
+        opts.tie_margin = -1.0 if tie_margin is None else float(tie_margin)  # negative: guard off
+        opts.gate_rate, opts.adaptive_draft = float(gate_rate), int(bool(adaptive_draft))
         h = ctypes.c_void_p()
         _raise(lib, lib.nora_policy_create(str(bundle).encode(), ctypes.byref(opts), ctypes.byref(h)))
         return cls(lib, h)
@@ -224,8 +263,15 @@ class EdgePolicy:
         self._check(rc)
         n = info.num_tokens
         timings = {k: getattr(info, k) for k, _ in _ChunkInfo._fields_ if k.endswith("_s")}
+        counters = {k: int(getattr(info, k)) for k in COUNTERS}
+        counters["fallback"] = bool(counters["fallback"])
         return EdgeChunk(
-            acts, ids[:n].copy(), tuple(TOKEN_CLASSES[c] for c in cls[:n]), bool(info.flagged), timings
+            acts,
+            ids[:n].copy(),
+            tuple(TOKEN_CLASSES[c] for c in cls[:n]),
+            bool(info.flagged),
+            timings,
+            counters,
         )
 
     def select_action(self, image: np.ndarray, instruction: str, unnorm_key: str | None = None) -> np.ndarray:

@@ -4,11 +4,11 @@ Data flow per chunk:
   prefill (the plain decoder graph, exactly as :class:`~nora_edge.policy.NoraPolicy`) -> logits -> the first
   token by :class:`~nora_edge.generate.GreedySelector` (the sequential loop's own selection: repetition penalty,
   automaton mask, lowest-id tie rule, classes, stop rules)
-  -> loop: :class:`DraftTable` proposes up to K tokens d_1..d_K after the tokens so far (an n-gram index of the
-  earlier chunks: the longest matching suffix, same instruction first, then any chunk of this process), cut
-  where the FAST automaton would refuse them
-  -> ONE call of the ``decoder_verify`` graph (:data:`nora_edge.bundle.DECODER_VERIFY`) on [pending, d_1..d_K]
-  (S = K + 1 positions) -> logits_all (S, rows)
+  -> loop: :class:`~nora_edge.drafts.DraftTable` proposes up to K tokens d_1..d_K after the tokens so far (an
+  n-gram index of the earlier chunks: the longest matching suffix, same instruction first, then any chunk of this
+  process), cut where the FAST automaton would refuse them
+  -> ONE call of the same decoder graph on [pending, d_1..d_K] (S = K + 1 positions), reading its
+  ``logits_all`` output (exported with ``nora-edge export --multi-token``) -> (S, rows)
   -> the selector chooses position by position: choice i == d_{i+1} accepts it and goes on; the first choice that
   differs (or the choice after d_K) is itself the next greedy token ("bonus"), so a call yields accepted + 1 tokens
   -> the KV cache is cut back to the kept tokens (pending + accepted drafts) and the loop goes on.
@@ -24,7 +24,12 @@ abandons the multi-token run and re-decodes the chunk with the plain sequential 
 So the ids are identical to plain greedy whenever batched and sequential logits differ by less than
 ``tie_margin / 2`` (measured differences: ``bench/multitoken_bench.py``); ``tie_margin=None`` drops the guard.
 
-The portable decoder only (immutable KV values; the static / shared-buffer flavors write in place).
+KV rollback per decoder flavor (``Decoder.truncate``): the portable decoder's immutable KV values are sliced to the
+kept length; the fixed-buffer flavors (fused "shared", TensorRT "static") keep their buffers and only the held
+length goes back: the rejected rows sit above it, are never attended to, and the next call overwrites them.
+In a :class:`~nora_edge.policy.NoraPolicy` this is ``NoraPolicy.load(bundle, decoding="multi-token")``
+(:class:`MultiTokenDecoding`); :class:`nora_edge.multitoken_runner.MultiTokenRunner` runs plain and multi-token side by side (benchmarks, the
+export's validation).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nora_edge import bundle as B
+from nora_edge.drafts import DraftTable, admissible
 from nora_edge.errors import BundleError, InputError
 from nora_edge.generate import (
     Decoder,
@@ -47,26 +53,29 @@ from nora_edge.generate import (
     greedy,
 )
 from nora_edge.prompt import decode_position_ids
-from nora_edge.sessions import GraphSession
 
 DEFAULT_MAX_DRAFT = 6  # S <= 7: on the CPU EP an S = 9 call measured ~1.5x an S = 1 call, S <= 5 ~1.0-1.1x
 DEFAULT_TIE_MARGIN = 1e-3  # logit units; see the module docstring
 
 
 class VerifyDecoder:
-    """The ``decoder_verify`` graph: S new tokens after a cache -> logits at every new position.
+    """The decoder graph's ``logits_all`` output: S new tokens after a cache -> logits at every new position.
 
     Args:
-        session: the ``decoder_verify`` :class:`GraphSession`.
-        decoder: the plain :class:`Decoder` of the same bundle (embedding table, KV names, head rows).
+        decoder: the policy's :class:`Decoder` (portable, or a fixed-buffer
+            :class:`~nora_edge.static_kv.StaticDecoder`) of a bundle exported with ``--multi-token``.
+
+    Raises:
+        BundleError: the decoder graph has no ``logits_all`` output.
     """
 
-    def __init__(self, session: GraphSession, decoder: Decoder) -> None:
-        if B.LOGITS_ALL not in session.output_names:
-            raise BundleError(f"decoder_verify graph has no output '{B.LOGITS_ALL}'")
-        self.session = session
+    def __init__(self, decoder: Decoder) -> None:
+        if B.LOGITS_ALL not in decoder.session.output_names:
+            raise BundleError(
+                f"the decoder graph has no output '{B.LOGITS_ALL}': multi-token decoding needs a bundle exported "
+                "with `nora-edge export --multi-token` (export_bundle(..., multi_token=True))"
+            )
         self.decoder = decoder
-        self._keep = frozenset(decoder.present_names)
 
     def forward(
         self, ids: np.ndarray, index: int, rope_delta: int, cache: KVCache
@@ -76,105 +85,9 @@ class VerifyDecoder:
         Returns:
             logits (S, rows) float32 and the cache extended by S tokens.
         """
-        dec = self.decoder
         s = int(ids.size)
-        feeds = {
-            B.INPUTS_EMBEDS: dec.embed(ids),  # (1, S, H)
-            B.POSITION_IDS: decode_position_ids(index, rope_delta, s),  # (3, 1, S)
-            B.ATTENTION_MASK: np.ones((1, cache.length + s), dtype=np.int64),
-        }
-        feeds.update(cache.values)
-        out = self.session.run(feeds, [B.LOGITS_ALL, *dec.present_names], keep=self._keep)
-        values = {p: out[q] for p, q in zip(dec.kv_names, dec.present_names, strict=True)}
-        return np.asarray(out[B.LOGITS_ALL])[0], KVCache(values, cache.length + s)
-
-
-def truncate_cache(cache: KVCache, length: int) -> KVCache:
-    """The first ``length`` tokens of ``cache`` ((1, kv_heads, length, hd) numpy copies)."""
-    if length == cache.length:
-        return cache
-    vals = {}
-    for name, v in cache.values.items():
-        arr = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
-        vals[name] = np.ascontiguousarray(arr[:, :, :length])
-    return KVCache(vals, length)
-
-
-class DraftTable:
-    """Proposals from earlier chunks of this process (lookup only: nothing here decides a token).
-
-    An n-gram index over every recorded chunk: each n-gram (n = 1 .. ``max_suffix``) of a chunk maps to the ids
-    that followed it there (up to ``MAX_CONTINUATION``). A proposal takes the longest suffix of the tokens so far
-    that the index holds, first among the chunks of the same instruction, then among all; at equal length the
-    most recent chunk wins, and within a chunk the earliest occurrence.
-
-    Args:
-        max_suffix: longest suffix matched.
-        max_entries: index size per table before it is cleared (a bounded process-long memory).
-    """
-
-    MAX_CONTINUATION = 16
-
-    def __init__(
-        self, max_suffix: int = 4, max_entries: int = 1 << 16, min_rate: float = 0.2, probe_every: int = 4
-    ) -> None:
-        self.max_suffix, self.max_entries = max_suffix, max_entries
-        self.min_rate, self.probe_every = min_rate, probe_every
-        self.by_key: dict[str, dict[tuple[int, ...], list[int]]] = {}
-        self.any: dict[tuple[int, ...], list[int]] = {}
-        self.rate: dict[str, list[float]] = {}  # key -> [decayed proposed, decayed accepted, chunks gated]
-
-    def record(self, key: str, proposed: int, accepted: int) -> None:
-        """Account one chunk's drafts (decay 0.8 per chunk) for :meth:`enabled`."""
-        r = self.rate.setdefault(key, [0.0, 0.0, 0.0])
-        r[0], r[1] = 0.8 * r[0] + proposed, 0.8 * r[1] + accepted
-
-    def enabled(self, key: str) -> bool:
-        """False when the instruction's recent drafts were mostly rejected (accepted / proposed < ``min_rate``
-        over >= 8 decayed drafts): its chunks then decode plainly, except every ``probe_every``-th, which
-        drafts again so the rate can recover."""
-        r = self.rate.get(key)
-        if r is None or r[0] < 8 or r[1] >= self.min_rate * r[0]:
-            return True
-        r[2] += 1
-        return r[2] % self.probe_every == 0
-
-    def observe(self, key: str, ids: np.ndarray) -> None:
-        """Record a finished chunk's generated ids (Qwen ids, (N,))."""
-        seq = [int(i) for i in ids]
-        own = self.by_key.setdefault(key, {})
-        for table in (own, self.any):
-            if len(table) > self.max_entries:
-                table.clear()
-            for n in range(1, self.max_suffix + 1):
-                for j in range(len(seq) - n - 1, -1, -1):  # earliest occurrence written last: it wins
-                    table[tuple(seq[j : j + n])] = seq[j + n : j + n + self.MAX_CONTINUATION]
-
-    def propose(self, key: str, out: list[int], k: int) -> list[int]:
-        """Up to ``k`` ids expected after ``out`` (the tokens generated so far, pending one included)."""
-        own = self.by_key.get(key, {})
-        for m in range(min(self.max_suffix, len(out)), 0, -1):
-            suffix = tuple(out[len(out) - m :])
-            for table in (own, self.any):
-                cont = table.get(suffix)
-                if cont:
-                    return cont[:k]
-        return []
-
-
-def admissible(sel: GreedySelector, drafts: list[int], base: int) -> list[int]:
-    """``drafts`` cut at the first id the selector's automaton would never choose (constrained mode only)."""
-    auto = sel.automaton
-    if auto is None:
-        return drafts
-    state, keep = sel.state, []
-    for d in drafts:
-        f = d - base
-        if auto.is_complete(state) or not 0 <= f < auto.vocab_size or not auto.allowed(state)[f]:
-            break
-        keep.append(d)
-        state = auto.advance(state, f)
-    return keep
+        embeds = self.decoder.embed(ids)  # (1, S, H)
+        return self.decoder.forward(embeds, decode_position_ids(index, rope_delta, s), cache, every=True)
 
 
 class NearTie(Exception):
@@ -224,6 +137,17 @@ class MultiTokenStats:
     min_gap: float = float("inf")
     per_call_accepted: list[int] = field(default_factory=list)
 
+    def to_json(self) -> dict:
+        """The counters as JSON values (``min_gap`` None when no non-sequential logits were checked)."""
+        return {
+            "decoder_calls": self.decoder_calls,
+            "verify_calls": self.verify_calls,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "fallback": self.fallback,
+            "min_gap": None if self.min_gap == float("inf") else self.min_gap,
+        }
+
 
 def multitoken_greedy(
     decoder: Decoder,
@@ -237,6 +161,7 @@ def multitoken_greedy(
     *,
     max_draft: int = DEFAULT_MAX_DRAFT,
     tie_margin: float | None = DEFAULT_TIE_MARGIN,
+    adaptive_draft: bool = False,
 ) -> tuple[GenerationResult, MultiTokenStats]:
     """:func:`nora_edge.generate.greedy` with proposals verified S at a time (module docstring).
 
@@ -244,9 +169,11 @@ def multitoken_greedy(
         decoder, first_logits, cache, prompt_ids, rope_delta, config: as :func:`~nora_edge.generate.greedy`.
         verify: the :class:`VerifyDecoder` of the same bundle.
         propose: callable (tokens so far: list[int], k) -> up to k proposed ids.
-        max_draft: K, the most proposals per verify call (after a partly rejected call the next one asks for
-            at most twice the accepted count, >= 1, so a poor draft source costs little).
+        max_draft: K, the most proposals per verify call.
         tie_margin: the guard of the module docstring (None: off).
+        adaptive_draft: after a partly rejected call the next one asks for at most twice the accepted count
+            (>= 1): shorter verify calls, which pays where a call's cost grows with its length (a compute-bound
+            CPU), not where it is set by streaming the weights (a memory-bound Jetson / GPU decode).
 
     Returns:
         the :class:`GenerationResult` (ids, classes, top ids as greedy's; ``step_seconds`` per decoder call) and
@@ -258,7 +185,7 @@ def multitoken_greedy(
     sel = GreedySelector(decoder, prompt_ids, config)
     steps: list[float] = []
     index, drifted, prefill_cache = int(prompt_ids.size), False, cache
-    k = max_draft  # drafts asked for: back to max_draft after a fully accepted call, else 2x the accepted
+    k = max_draft  # drafts asked for (adaptive: back to max_draft after a fully accepted call, else 2x accepted)
     try:
         token = sel.choose(first_logits)
         while sel.stopped is None:
@@ -291,8 +218,9 @@ def multitoken_greedy(
                 break  # the bonus token (a choice no draft matched), or the chunk is complete
             stats.accepted += accepted
             stats.per_call_accepted.append(accepted)
-            k = max_draft if accepted == len(drafts) else min(max_draft, max(1, 2 * accepted))
-            cache = truncate_cache(grown, cache.length + 1 + accepted)  # pending + accepted drafts
+            if adaptive_draft:
+                k = max_draft if accepted == len(drafts) else min(max_draft, max(1, 2 * accepted))
+            cache = decoder.truncate(grown, cache.length + 1 + accepted)  # pending + accepted drafts
             index += 1 + accepted
     except NearTie:
         stats.fallback = True
@@ -302,102 +230,137 @@ def multitoken_greedy(
     return sel.result(steps), stats
 
 
-class MultiTokenRunner:
-    """A :class:`~nora_edge.policy.NoraPolicy` plus its bundle's verify graph: plain and multi-token chunks.
+@dataclass(frozen=True)
+class MultiTokenConfig:
+    """Settings of the multi-token loop (``NoraPolicy.load(..., decoding="multi-token", multi_token=...)``).
 
-    Both paths share the policy's preprocessing, vision graph, cached prompt prefix and prefill; they differ
-    only in the decode loop. The draft table learns from every multi-token chunk (keyed by instruction).
+    Attributes:
+        max_draft: K, the most proposals per verify call (S = K + 1 positions).
+        tie_margin: the guard of the module docstring in logit units (None: off, which drops the guarantee
+            for near ties).
+        learn: record every chunk in the draft table (False: drafts from what it holds, records nothing).
+        gate_rate: stop drafting for an instruction whose recent drafts were accepted at a lower rate
+            (:meth:`~nora_edge.drafts.DraftTable.enabled`; every few chunks still probe); 0 = never.
+        adaptive_draft: shorten the next call after a partly rejected one (:func:`multitoken_greedy`).
 
-    Args:
-        policy: a loaded NoraPolicy on the portable decoder.
-        verify: its bundle's :class:`VerifyDecoder`.
-        drafts: the :class:`DraftTable` (default: a new one).
+    The defaults (no gate, fixed K) minimise decoder calls: the cost that matters where decode streams the weights
+    once per call (Jetson, GPU). On a compute-bound CPU host a call of K + 1 tokens costs more than one step, and
+    ``gate_rate=0.2, adaptive_draft=True`` (:data:`CPU_HOST`) trades some calls for host milliseconds.
     """
 
-    def __init__(self, policy, verify: VerifyDecoder, drafts: DraftTable | None = None) -> None:
-        if type(policy.decoder) is not Decoder:
-            raise InputError("multi-token decoding needs the portable decoder (immutable KV values)")
-        self.policy, self.verify = policy, verify
+    max_draft: int = DEFAULT_MAX_DRAFT
+    tie_margin: float | None = DEFAULT_TIE_MARGIN
+    learn: bool = True
+    gate_rate: float = 0.0
+    adaptive_draft: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_draft, bool) or not isinstance(self.max_draft, int) or self.max_draft < 1:
+            raise InputError(f"MultiTokenConfig.max_draft must be an int >= 1, got {self.max_draft!r}")
+        t = self.tie_margin
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < float("inf")
+        ):
+            raise InputError(f"MultiTokenConfig.tie_margin must be None or a finite number >= 0, got {t!r}")
+        g = self.gate_rate
+        if isinstance(g, bool) or not isinstance(g, int | float) or not 0 <= g <= 1:
+            raise InputError(f"MultiTokenConfig.gate_rate must be a number in [0, 1], got {g!r}")
+
+
+CPU_HOST = MultiTokenConfig(gate_rate=0.2, adaptive_draft=True)  # fewer, shorter verify calls on a CPU host
+
+
+class MultiTokenWarning(UserWarning):
+    """Multi-token ids on this bundle equal the plain loop's by measurement, not by the tie-margin guard."""
+
+
+def guarantee_of(bundle: B.Bundle, config: MultiTokenConfig) -> bool | None:
+    """Whether the bundle's validation shows its batched and sequential logits within ``tie_margin / 2``.
+
+    None when the bundle carries no such measurement (exported with validation off). Warns
+    (:class:`MultiTokenWarning`) when the measured difference exceeds the margin's half: then ids equal the
+    plain loop's on what was tried, and a near tie elsewhere could pick the other token.
+    """
+    entry = bundle.manifest.get("validation", {}).get("multi_token")
+    if not entry or "batched_vs_sequential" not in entry:
+        return None
+    worst = float(entry["batched_vs_sequential"]["max_abs"])
+    margin = config.tie_margin
+    ok = margin is not None and worst < margin / 2
+    if not ok:
+        import warnings
+
+        warnings.warn(
+            f"{bundle.path.name}: its verify calls' logits differ from the sequential steps' by up to {worst:.3g} "
+            f"(validation, {entry['batched_vs_sequential']['positions']} positions), more than tie_margin/2 = "
+            f"{None if margin is None else margin / 2}: multi-token ids equalled the plain loop's on "
+            f"{entry.get('ids_equal')}/{entry.get('compared')} validation chunks but are not guaranteed to at a "
+            "near tie. int8-activation graphs (MatMulNBits accuracy_level 4: recipes int4, int4-b32, mixed) do "
+            "this; the int4-f32act recipe computes in fp32 and keeps the guarantee",
+            MultiTokenWarning,
+            stacklevel=3,
+        )
+    return ok
+
+
+class MultiTokenDecoding:
+    """A policy's multi-token decode loop: the decoder's ``logits_all`` output, a draft table and the settings.
+
+    Args:
+        decoder: the policy's :class:`Decoder` (any flavor; graph exported with ``--multi-token``).
+        config: :class:`MultiTokenConfig` (default settings when None).
+        drafts: the :class:`~nora_edge.drafts.DraftTable` (default: a new one). It lives as long as the policy:
+            ``NoraPolicy.reset()`` keeps it (earlier episodes are what the next one drafts from).
+
+    Raises:
+        BundleError: the graph has no ``logits_all`` output.
+    """
+
+    def __init__(
+        self, decoder: Decoder, config: MultiTokenConfig | None = None, drafts: DraftTable | None = None
+    ):
+        self.verify = VerifyDecoder(decoder)
+        self.config = config if config is not None else MultiTokenConfig()
         self.drafts = drafts if drafts is not None else DraftTable()
+        self.last_stats: MultiTokenStats | None = None  # the last chunk's counters
+        self.guaranteed: bool | None = None  # from the bundle's validation (NoraPolicy.load sets it)
 
-    @classmethod
-    def load(cls, bundle, **policy_kwargs) -> MultiTokenRunner:
-        """Load a bundle that has the optional ``decoder_verify`` component.
-
-        Raises:
-            BundleError: the bundle has no ``decoder_verify`` (export it with
-                ``nora_edge.export.decoder_verify.add_verify_graph``).
-        """
-        from nora_edge.policy import NoraPolicy
-        from nora_edge.sessions import open_session
-
-        policy = NoraPolicy.load(bundle, **policy_kwargs)
-        b = policy.bundle
-        spec = b.optional_component(B.DECODER_VERIFY)
-        if spec is None:
-            raise BundleError(f"{b.path}: no components.{B.DECODER_VERIFY} (multi-token decoding needs it)")
-        keep = {k: policy_kwargs[k] for k in ("providers", "threads", "spinning") if k in policy_kwargs}
-        session = open_session(B.DECODER_VERIFY, b.file(spec.file), spec, **keep)
-        return cls(policy, VerifyDecoder(session, policy.decoder))
-
-    def _prefill(self, image: np.ndarray, instruction: str):
-        from nora_edge.generate import prefill
-        from nora_edge.preprocess import preprocess_image
-
-        pol = self.policy
-        pixel_values, grid = preprocess_image(image, pol.image_spec)
-        embeds = pol.image_embeds(pixel_values, grid)
-        prompt = pol.prompt.build(instruction, grid)
-        p = prompt.image_start
-        logits, cache = prefill(
-            pol.decoder,
-            prompt.input_ids[p:],
-            prompt.position_ids[:, :, p:],
-            pol._prefix,
-            embeds,
-            image_start=0,
-        )
-        return prompt, logits, cache
-
-    def plain(self, image: np.ndarray, instruction: str) -> tuple[GenerationResult, float]:
-        """The policy's own sequential greedy loop: (result, decode seconds)."""
-        prompt, logits, cache = self._prefill(image, instruction)
-        t0 = time.perf_counter()
-        res = greedy(
-            self.policy.decoder, logits, cache, prompt.input_ids, prompt.rope_delta, self.policy._greedy
-        )
-        return res, time.perf_counter() - t0
-
-    def multitoken(
+    def generate(
         self,
-        image: np.ndarray,
+        first_logits: np.ndarray,
+        cache: KVCache,
+        prompt_ids: np.ndarray,
+        rope_delta: int,
+        greedy_config: GreedyConfig,
         instruction: str,
-        *,
-        max_draft: int = DEFAULT_MAX_DRAFT,
-        tie_margin: float | None = DEFAULT_TIE_MARGIN,
-        learn: bool = True,
-    ) -> tuple[GenerationResult, MultiTokenStats, float]:
-        """Multi-token decode of one chunk: (result, stats, decode seconds).
-
-        ``learn``: record the chunk in the draft table (and its acceptance for :meth:`DraftTable.enabled`, which
-        may turn drafting off for an instruction whose drafts keep failing); False drafts unconditionally and
-        records nothing.
-        """
-        prompt, logits, cache = self._prefill(image, instruction)
-        t0 = time.perf_counter()
+        config: MultiTokenConfig | None = None,
+    ) -> tuple[GenerationResult, MultiTokenStats]:
+        """One chunk from the prefill's logits (arguments as :func:`multitoken_greedy`; ``config`` overrides the
+        decoding's own for this call)."""
+        cfg = config if config is not None else self.config
         table = self.drafts
-        on = table.enabled(instruction) if learn else True
+        on = table.enabled(instruction, cfg.gate_rate) if cfg.learn and cfg.gate_rate > 0 else True
 
         def propose(out: list[int], k: int) -> list[int]:
             return table.propose(instruction, out, k) if on else []
 
         res, stats = multitoken_greedy(
-            self.policy.decoder, self.verify, logits, cache, prompt.input_ids, prompt.rope_delta,
-            self.policy._greedy, propose, max_draft=max_draft, tie_margin=tie_margin,
+            self.verify.decoder, self.verify, first_logits, cache, prompt_ids, rope_delta, greedy_config,
+            propose, max_draft=cfg.max_draft, tie_margin=cfg.tie_margin, adaptive_draft=cfg.adaptive_draft,
         )  # fmt: skip
-        seconds = time.perf_counter() - t0
-        if learn:
+        if cfg.learn:
             table.observe(instruction, res.ids)
             if on:
                 table.record(instruction, stats.proposed, stats.accepted)
-        return res, stats, seconds
+        self.last_stats = stats
+        return res, stats
+
+
+def __getattr__(name: str):
+    """``MultiTokenRunner`` and ``batched_vs_sequential`` live in :mod:`nora_edge.multitoken_runner` (lazy: it
+    imports this module)."""
+    if name in ("MultiTokenRunner", "batched_vs_sequential"):
+        from nora_edge import multitoken_runner
+
+        return getattr(multitoken_runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

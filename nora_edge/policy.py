@@ -85,6 +85,9 @@ def check_bundle_consistency(bundle: B.Bundle) -> None:
         )
 
 
+DECODINGS = ("plain", "multi-token")
+
+
 class NoraPolicy:
     """NORA on onnxruntime. Build with :meth:`load`.
 
@@ -114,6 +117,7 @@ class NoraPolicy:
         constrained: bool,
         forced_tokens: ForcedTokenRule | None = None,
         kernels: FastKernels | None = None,
+        multi_token=None,
     ) -> None:
         self.bundle = bundle
         self.vision = vision
@@ -126,6 +130,7 @@ class NoraPolicy:
         self.forced_tokens = forced_tokens or ForcedTokenRule()
         self.kernels = kernels
         self.codec_backend = "c" if kernels is not None else "numpy"
+        self.multi_token = multi_token  # a nora_edge.multitoken.MultiTokenDecoding, or None (plain loop)
         self._lock = threading.RLock()
         self._closed = False
         self.time_horizon = bundle.codec.time_horizon
@@ -165,6 +170,8 @@ class NoraPolicy:
         verify: bool = True,
         cache_dir: str | Path | None = None,
         kernels: str = "auto",
+        decoding: str = "plain",
+        multi_token=None,
     ) -> NoraPolicy:
         """Load a bundle and open its graphs.
 
@@ -186,18 +193,31 @@ class NoraPolicy:
             kernels: FAST codec backend: "auto" (libnora_fast when it loads, else numpy with one warning per
                 process), "c" (InputError when the library is unavailable) or "numpy". The context comes from
                 the bundle's ``codec.files.native`` tables when listed, else is built from the manifest.
+            decoding: "plain" (the sequential greedy loop, one decoder call per token) or "multi-token"
+                (:mod:`nora_edge.multitoken`: proposals verified several per decoder call, ids identical to the plain
+                loop; needs a bundle exported with ``--multi-token``). ``last_timings`` then holds ``decoder_calls``
+                and the chunk's ``multi_token`` counters.
+            multi_token: a :class:`~nora_edge.multitoken.MultiTokenConfig` for ``decoding="multi-token"`` (default
+                settings when None).
 
         The instruction length limit is the manifest's ``prompt.max_instruction_tokens`` when present, else
         512 tokens (a guard against runaway input, far above any robot instruction).
 
         Raises:
             BundleError: missing/tampered/incompatible bundle or graphs that disagree with the manifest.
-            InputError: bad providers/threads/kernels, or kernels="c" without libnora_fast.
+            InputError: bad providers/threads/kernels/decoding, kernels="c" without libnora_fast, or
+                decoding="multi-token" on a decoder with fixed KV buffers.
             KernelsError: kernels="auto" with $NORA_EDGE_KERNELS_LIB naming a library that does not load.
         """
         rule = ForcedTokenRule(forced_tokens, max_repaired)
         if kernels not in ("auto", "c", "numpy"):
             raise InputError(f"kernels must be 'auto', 'c' or 'numpy', got {kernels!r}")
+        if decoding not in DECODINGS:
+            raise InputError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        if multi_token is not None and decoding != "multi-token":
+            raise InputError(
+                f'multi_token settings given with decoding={decoding!r}; use decoding="multi-token"'
+            )
         b = bundle if isinstance(bundle, B.Bundle) else B.Bundle.load(bundle, verify=verify)
         check_bundle_consistency(b)
         if not constrained and b.actions.head != "full":
@@ -257,9 +277,16 @@ class NoraPolicy:
                 f"gives grid {list(image_spec.grid_thw())}"
             )
         fast = codec_kernels(kernels, b, byte_table, automaton)
+        multi = None
+        if decoding == "multi-token":
+            from nora_edge.multitoken import MultiTokenDecoding, guarantee_of
+
+            multi = MultiTokenDecoding(decoder, multi_token)
+            multi.guaranteed = guarantee_of(b, multi.config)
         return cls(
-            b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained, rule, fast
-        )
+            b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained, rule, fast,
+            multi,
+        )  # fmt: skip
 
     def _prefill_prefix(self) -> KVCache:
         """KV of the constant prompt prefix (system turn .. <|vision_start|>), computed once."""
@@ -311,6 +338,29 @@ class NoraPolicy:
             self._check_open()
             return self._run_chunk(image, instruction, unnorm_key)
 
+    def prefill_prompt(self, prompt, embeds: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """Prefill a built prompt after the cached prefix, its image run replaced by ``embeds`` (n, H).
+
+        Returns:
+            logits (rows,) of the last prompt token and the KV cache after the prompt.
+
+        Raises:
+            BundleError: the vision graph's embedding count differs from the prompt's image tokens.
+        """
+        if embeds.shape[0] != prompt.num_image_tokens:
+            raise BundleError(
+                f"vision graph returned {embeds.shape[0]} embeddings, the prompt holds {prompt.num_image_tokens}"
+            )
+        p = prompt.image_start
+        return prefill(
+            self.decoder,
+            prompt.input_ids[p:],
+            prompt.position_ids[:, :, p:],
+            self._prefix,
+            embeds,
+            image_start=0,
+        )
+
     def _run_chunk(self, image: np.ndarray, instruction: str, unnorm_key: str | None) -> ChunkOutput:
         t0 = time.perf_counter()
         self.last_ids = self.last_output = None
@@ -322,21 +372,15 @@ class NoraPolicy:
         embeds = self.image_embeds(pixel_values, grid)
         t2 = time.perf_counter()
         prompt = self.prompt.build(instruction, grid)
-        if embeds.shape[0] != prompt.num_image_tokens:
-            raise BundleError(
-                f"vision graph returned {embeds.shape[0]} embeddings, the prompt holds {prompt.num_image_tokens}"
-            )
-        p = prompt.image_start
-        logits, cache = prefill(
-            self.decoder,
-            prompt.input_ids[p:],
-            prompt.position_ids[:, :, p:],
-            self._prefix,
-            embeds,
-            image_start=0,
-        )
+        logits, cache = self.prefill_prompt(prompt, embeds)
         t3 = time.perf_counter()
-        result = greedy(self.decoder, logits, cache, prompt.input_ids, prompt.rope_delta, self._greedy)
+        multi = None
+        if self.multi_token is not None:
+            result, multi = self.multi_token.generate(
+                logits, cache, prompt.input_ids, prompt.rope_delta, self._greedy, instruction
+            )
+        else:
+            result = greedy(self.decoder, logits, cache, prompt.input_ids, prompt.rope_delta, self._greedy)
         self.last_ids = result.ids  # kept even when the decode below fails (parity studies, logs)
         t4 = time.perf_counter()
         fast_ids, normalized = self.detokenize(result)
@@ -365,7 +409,11 @@ class NoraPolicy:
             "token_classes": out.class_counts,
             "providers": self.providers,
             "codec_backend": self.codec_backend,
+            "decoding": "plain" if multi is None else "multi-token",
+            "decoder_calls": len(result.step_seconds) if multi is None else multi.decoder_calls,
         }
+        if multi is not None:
+            self.last_timings["multi_token"] = multi.to_json()
         self.last_output = out
         return out
 

@@ -174,8 +174,13 @@ class StaticDecoder(Decoder):
                     "extend the newest cache, or a prefix no later write went below"
                 )
 
+    def truncate(self, cache: StaticKVCache, length: int) -> StaticKVCache:
+        """``cache`` holding its first ``length`` tokens: the same buffers, write epoch and store (the slots above
+        are never read, and the next write overwrites them)."""
+        return StaticKVCache(cache.values, int(length), cache.store, cache.epoch)
+
     def forward(
-        self, embeds: np.ndarray, position_ids: np.ndarray, cache: StaticKVCache
+        self, embeds: np.ndarray, position_ids: np.ndarray, cache: StaticKVCache, *, every: bool = False
     ) -> tuple[np.ndarray, StaticKVCache]:
         """Run the graph on ``S`` new tokens written at slots ``cache.length .. cache.length + S - 1``.
 
@@ -183,9 +188,10 @@ class StaticDecoder(Decoder):
             embeds: (1, S, H) float32.
             position_ids: (3, 1, S) int64 mrope positions.
             cache: a cache from :meth:`empty_cache` or a previous call.
+            every: return the ``logits_all`` output (S, rows) instead (a ``--multi-token`` graph).
 
         Returns:
-            logits (rows,) float32 of the last new token, and the cache of ``length + S`` tokens.
+            logits (rows,) float32 of the last new token (or (S, rows)), and the cache of ``length + S`` tokens.
 
         Raises:
             CacheOverflowError: ``length + S`` exceeds ``max_len`` (nothing was run or written).
@@ -202,7 +208,7 @@ class StaticDecoder(Decoder):
             binding.bind_cpu_input(B.ATTENTION_MASK, np.ones((1, cache.length + s), dtype=np.int64))
         for name in self.kv_names:
             binding.bind_ortvalue_input(name, cache.values[name])
-        binding.bind_output(B.LOGITS, "cpu")
+        binding.bind_output(B.LOGITS_ALL if every else B.LOGITS, "cpu")
         for past, present in zip(self.kv_names, self.present_names, strict=True):
             if self.in_place:
                 binding.bind_ortvalue_output(present, cache.values[past])
@@ -210,7 +216,7 @@ class StaticDecoder(Decoder):
                 binding.bind_output(present, self.session.device)
         self.session.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        logits = outs[0].numpy()[0]  # (rows,)
+        logits = outs[0].numpy()[0]  # (rows,) or (S, rows)
         if self.in_place:
             epoch = cache.store.record(cache.length)
             return logits, StaticKVCache(cache.values, cache.length + s, cache.store, epoch)

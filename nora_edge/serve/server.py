@@ -224,8 +224,10 @@ def load_and_serve(
     forced_tokens: str = "raise",
     max_repaired: int = 0,
     kernels: str = "auto",
+    decoding: str = "plain",
 ) -> None:
-    """``nora-edge serve``: load the bundle once, then serve it until interrupted.
+    """``nora-edge serve``: load the bundle once, then serve it until interrupted (``decoding``: as
+    ``NoraPolicy.load``; a multi-token policy's draft table learns from every client's chunks).
 
     Raises:
         BundleError, InputError: as ``NoraPolicy.load``.
@@ -238,7 +240,7 @@ def load_and_serve(
         )
     policy = NoraPolicy.load(
         bundle, providers=providers, threads=threads, forced_tokens=forced_tokens, max_repaired=max_repaired,
-        kernels=kernels,
+        kernels=kernels, decoding=decoding,
     )  # fmt: skip
     with policy:
         PolicyServer(PolicyHandler(policy, config), host, port).serve_forever()

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nora_edge.bundle import DECODER_VERIFY, Bundle
+from nora_edge.bundle import LOGITS_ALL, Bundle
+from nora_edge.drafts import DraftTable
 from nora_edge.errors import BundleError, DetokenizationError, ForcedTokenError, InputError
 from nora_edge.generate import decode_step
-from nora_edge.multitoken import DraftTable, MultiTokenRunner, multitoken_greedy
+from nora_edge.multitoken import MultiTokenConfig, multitoken_greedy
+from nora_edge.multitoken_runner import MultiTokenRunner
 from nora_edge.policy import NoraPolicy
 from tests.synthetic_pairs import held_out_pairs
 
@@ -24,11 +26,10 @@ N_PAIRS = 12
 
 
 def _verify_bundle(ckpt: Path, root: Path, **export_kw) -> Path:
-    from nora_edge.export.decoder_verify import add_verify_graph
+    """``export --multi-token``: the decoder also outputs logits_all."""
     from nora_edge.export.pipeline import export_bundle
 
-    plain = export_bundle(ckpt, root / "plain", validate=False, progress=False, **export_kw)
-    return add_verify_graph(plain, ckpt, root / "verify")
+    return export_bundle(ckpt, root / "mt", validate=False, progress=False, multi_token=True, **export_kw)
 
 
 # the medium fixture's bundles take ~2.5 min to build and run: `make test-slow` (the tiny one runs in `make test`)
@@ -36,7 +37,7 @@ def _verify_bundle(ckpt: Path, root: Path, **export_kw) -> Path:
     scope="module", params=["tiny_trained_ckpt_h5", pytest.param("medium_ckpt", marks=pytest.mark.slow)]
 )
 def runner(request, tmp_path_factory) -> MultiTokenRunner:
-    """Default bundle (action head, fp16 table, constrained) + verify graph of a trained and a random fixture."""
+    """Default ``--multi-token`` bundle (action head, fp16 table, constrained) of a trained and a random fixture."""
     ckpt = request.getfixturevalue(request.param)
     bundle = _verify_bundle(ckpt, tmp_path_factory.mktemp(f"mt_{request.param}"))
     return MultiTokenRunner.load(bundle, providers="cpu", threads=1, forced_tokens="flag")
@@ -172,12 +173,46 @@ def test_unconstrained_hf_parity_mode(tiny_ckpt, tmp_path_factory) -> None:
     assert compared == 12
 
 
-def test_bundle_with_verify_graph_still_loads_plainly(runner) -> None:
-    b = Bundle.load(runner.policy.bundle.path)  # sha256 of every file, decoder_verify.onnx included
-    spec = b.optional_component(DECODER_VERIFY)
-    assert spec is not None and spec.meta["logits"] == "all_positions"
-    assert spec.meta["num_rows"] == b.actions.head_rows.size
-    assert set(b.components) == {"vision", "decoder"}
+def test_multi_token_bundle_layout_and_plain_loading(runner) -> None:
+    b = Bundle.load(runner.policy.bundle.path)  # sha256 of every file
+    spec = b.components["decoder"]
+    assert spec.meta["logits_all"] is True and [o.name for o in spec.outputs[:2]] == ["logits", LOGITS_ALL]
+    assert spec.outputs[1].shape[-1] == b.actions.head_rows.size
+    assert set(b.components) == {"vision", "decoder"}  # one graph: the weights are stored once
+    image, text = held_out_pairs(1, seed=11)[0]
+    with NoraPolicy.load(b, providers="cpu", threads=1, forced_tokens="flag") as plain_policy:
+        np.testing.assert_array_equal(_plain_ids(plain_policy, image, text), runner.plain(image, text)[0].ids)
+        assert plain_policy.multi_token is None and plain_policy.last_timings["decoding"] == "plain"
+
+
+def test_policy_decoding_option_gives_the_plain_chunks(runner) -> None:
+    """NoraPolicy(decoding="multi-token").run_chunk == NoraPolicy(plain).run_chunk: ids, classes, actions."""
+    path = runner.policy.bundle.path
+    pairs = held_out_pairs(6, seed=11)
+    kw = dict(providers="cpu", threads=1, forced_tokens="flag")
+    compared = calls_plain = calls_multi = 0
+    with NoraPolicy.load(path, **kw) as plain, NoraPolicy.load(path, decoding="multi-token", **kw) as multi:
+        for _ in range(2):
+            for image, text in pairs:
+                try:
+                    want = plain.run_chunk(image, text)
+                except DetokenizationError:
+                    continue  # compared on ids by the parity test; here whole chunks
+                got = multi.run_chunk(image, text)
+                np.testing.assert_array_equal(got.ids, want.ids)
+                np.testing.assert_array_equal(got.actions, want.actions)
+                assert got.token_classes == want.token_classes
+                t = multi.last_timings
+                assert (
+                    t["decoding"] == "multi-token" and t["multi_token"]["decoder_calls"] == t["decoder_calls"]
+                )
+                calls_plain += plain.last_timings["decoder_calls"]
+                calls_multi += t["decoder_calls"]
+                compared += 1
+        assert compared >= 8  # the trained fixture's chunks decode; the random medium one's mostly too
+        assert calls_multi < calls_plain
+        multi.reset()  # keeps the draft table: earlier episodes are what the next one drafts from
+        assert multi.multi_token.drafts.by_key
 
 
 def test_errors(runner, tiny_ckpt_h5, tmp_path_factory) -> None:
@@ -186,11 +221,49 @@ def test_errors(runner, tiny_ckpt_h5, tmp_path_factory) -> None:
     plain = export_bundle(
         tiny_ckpt_h5, tmp_path_factory.mktemp("noverify") / "b", validate=False, progress=False
     )
-    with pytest.raises(BundleError, match=DECODER_VERIFY):
+    with pytest.raises(BundleError, match=LOGITS_ALL):
         MultiTokenRunner.load(plain, providers="cpu", threads=1)
+    with pytest.raises(InputError, match="decoding"):
+        NoraPolicy.load(plain, decoding="speculative")
+    with pytest.raises(InputError, match="multi-token"):
+        NoraPolicy.load(plain, multi_token=MultiTokenConfig())
+    with pytest.raises(InputError, match="max_draft"):
+        MultiTokenConfig(max_draft=0)
+    with pytest.raises(InputError, match="tie_margin"):
+        MultiTokenConfig(tie_margin=float("nan"))
     image, text = held_out_pairs(1, seed=11)[0]
     with pytest.raises(InputError, match="max_draft"):
         runner.multitoken(image, text, max_draft=0)
+
+
+@pytest.fixture(scope="module", params=["fused", "static"])
+def fixed_buffer_runner(request, tiny_trained_ckpt_h5, tmp_path_factory) -> MultiTokenRunner:
+    """The fused onnxruntime flavor (shared KV buffers, GroupQueryAttention) and the TensorRT flavor (static KV
+    written at cache_position, run here in onnxruntime), both exported with --multi-token."""
+    kw = {"decoder_graph": "fused"} if request.param == "fused" else {"target": "tensorrt"}
+    bundle = _verify_bundle(tiny_trained_ckpt_h5, tmp_path_factory.mktemp(f"mt_{request.param}"), **kw)
+    return MultiTokenRunner.load(bundle, providers="cpu", threads=1, forced_tokens="flag")
+
+
+def test_fixed_buffer_flavors_identical_to_plain(fixed_buffer_runner) -> None:
+    """KV rollback on fixed buffers = the held length goes back (rows above are overwritten, never read)."""
+    from nora_edge.static_kv import StaticDecoder
+
+    r = fixed_buffer_runner
+    assert isinstance(r.policy.decoder, StaticDecoder)
+    r.drafts = DraftTable(min_rate=0.0)
+    compared = accepted = mt_calls = plain_calls = 0
+    for _ in range(2):
+        for image, text in held_out_pairs(N_PAIRS, seed=11):
+            plain, _ = r.plain(image, text)
+            got, stats, _ = r.multitoken(image, text)
+            _same_result(got, plain)
+            assert not stats.fallback
+            compared += 1
+            accepted += stats.accepted
+            mt_calls += stats.decoder_calls
+            plain_calls += len(plain.step_seconds)
+    assert compared == 2 * N_PAIRS and accepted > 0 and mt_calls < plain_calls
 
 
 def test_draft_table_lookup() -> None:
