@@ -3,7 +3,7 @@
 //
 //   robot_loop BUNDLE_DIR [--ticks N] [--hz F] [--instruction TEXT] [--ort PATH] [--unnorm-key KEY]
 //              [--threads N] [--episode N] [--seed S] [--height H] [--width W] [--flag]
-//              [--frames-out FILE]
+//              [--frames-out FILE] [--multi-token]
 //
 // Data flow per tick: FakeCamera::grab() -> (H, W, 3) uint8 frame --nora::Policy::select_action (the next queued
 // action; a new (T, D) chunk is run through the model when the queue is empty)--> (D,) float64 action -> stdout.
@@ -90,6 +90,8 @@ public:
         int32_t threads = 0;           // intra-op threads per graph, 0 = onnxruntime's default
         bool verify_hashes = false;
         bool flag_forced = false;      // hand out chunks with repaired / forced tokens (flagged) instead of failing
+        bool multi_token = false;      // NORA_EDGE_DECODE_MULTI_TOKEN (a bundle exported with --multi-token): the
+                                       // same actions, fewer decoder calls once earlier chunks give drafts
     };
 
     Policy(const std::string& bundle_dir, const Options& o) {
@@ -99,6 +101,7 @@ public:
         opt.threads = o.threads;
         opt.verify_hashes = o.verify_hashes ? 1 : 0;
         opt.forced_tokens = o.flag_forced ? NORA_EDGE_FORCED_FLAG : NORA_EDGE_FORCED_REFUSE;
+        opt.decoding = o.multi_token ? NORA_EDGE_DECODE_MULTI_TOKEN : NORA_EDGE_DECODE_PLAIN;
         nora_policy* raw = nullptr;
         check(nora_policy_create(bundle_dir.c_str(), &opt, &raw), "nora_policy_create");
         handle_.reset(raw);
@@ -195,7 +198,7 @@ struct Args {
     std::fprintf(stderr,
                  "robot_loop: %s\nusage: robot_loop BUNDLE_DIR [--ticks N] [--hz F] [--instruction TEXT] "
                  "[--ort PATH] [--unnorm-key KEY] [--threads N] [--episode N] [--seed S] [--height H] "
-                 "[--width W] [--flag] [--frames-out FILE]\n",
+                 "[--width W] [--flag] [--frames-out FILE] [--multi-token]\n",
                  msg.c_str());
     std::exit(2);
 }
@@ -217,6 +220,10 @@ Args parse(int argc, char** argv) {
         const std::string s = argv[i];
         if (s == "--flag") {
             a.options.flag_forced = true;
+            continue;
+        }
+        if (s == "--multi-token") {
+            a.options.multi_token = true;
             continue;
         }
         if (s.rfind("--", 0) != 0) {

@@ -2,7 +2,8 @@
  * through a bundle, printed as one JSON object. C11, no Python.
  *
  *   run_bundle BUNDLE_DIR IMAGE [--instruction TEXT] [--unnorm-key KEY] [--threads N] [--verify] [--flag]
- *              [--ort PATH] [--dump-rgb OUT.ppm]
+ *              [--ort PATH] [--dump-rgb OUT.ppm] [--multi-token] [--max-draft N] [--tie-margin X]
+ *              [--gate-rate X] [--adaptive-draft] [--repeat N]
  *
  * Data flow: IMAGE (binary PPM "P6" with maxval 255, comments allowed; or PNG through libpng, any 8-bit or lower
  * color type converted to RGB the way Pillow's Image.convert("RGB") does: palette -> its RGB entries, gray -> R=G=B,
@@ -10,13 +11,20 @@
  * onnxruntime from --ort or $NORA_EDGE_ONNXRUNTIME) + nora_policy_step--> (T, D) float64 actions, the generated
  * ids and their classes --> stdout:
  *   {"actions": [[a00, ...], ...], "token_ids": [...], "token_classes": ["model", ...], "flagged": false,
- *    "timings_ms": {"preprocess": ..., ..., "total": ...}, "onnxruntime": "1.x.y"}
+ *    "timings_ms": {"preprocess": ..., ..., "total": ...}, "decoding": {"mode": "plain", "decoder_calls": ...,
+ *    "verify_calls": ..., "proposed": ..., "accepted": ..., "fallback": false}, "onnxruntime": "1.x.y"}
  * Numbers are printed with %.17g, so the float64 values round-trip exactly.
  * Options: --instruction (default "pick up the red block"), --unnorm-key (default: the bundle's only key),
  * --threads (intra-op threads per graph, default 0 = onnxruntime's choice), --verify (sha256 of every bundle file),
  * --flag (hand out a chunk holding repaired / forced_continue tokens, flagged, instead of refusing it), --ort
  * (libonnxruntime.so.1.x path), --dump-rgb (write the decoded frame as a P6 PPM and exit 0 without loading the
- * bundle: checks the image decoding alone).
+ * bundle: checks the image decoding alone), --multi-token (NORA_EDGE_DECODE_MULTI_TOKEN: drafts from earlier chunks
+ * verified several per decoder call, the same ids; needs a bundle exported with --multi-token), --max-draft
+ * (its most drafts per call, 1..32, default 6), --tie-margin (its tie guard in logit units, default 1e-3, negative:
+ * off; a huge value re-decodes every drafted chunk plainly, which the "fallback" field reports), --gate-rate and
+ * --adaptive-draft (nora_policy_options.gate_rate / adaptive_draft: fewer, shorter verify calls on a CPU host),
+ * --repeat (run the chunk N times on one policy, default 1, and print the last: with --multi-token the later chunks
+ * draft from the earlier ones).
  * Exit status: 0 success; 1 a library call failed ("run_bundle: <status name>: <nora_edge_last_error()>" on
  * stderr); 2 bad usage or an image that cannot be read ("run_bundle: <IMAGE>: <problem>").
  * PNG reading follows the libpng 1.6 manual (http://www.libpng.org/pub/png/libpng-manual.txt, "Transformations
@@ -40,8 +48,10 @@ typedef struct image {
 
 typedef struct args {
     const char *bundle, *image, *instruction, *unnorm_key, *ort, *dump_rgb;
-    int32_t threads;
-    int verify, flag;
+    int32_t threads, max_draft, repeat;
+    int verify, flag, multi_token;
+    double tie_margin, gate_rate;
+    int adaptive_draft;
 } args;
 
 static const char *status_name(nora_edge_status s) {
@@ -72,7 +82,8 @@ static int usage(const char *msg) {
         fprintf(stderr, "run_bundle: %s\n", msg);
     }
     fprintf(stderr, "usage: run_bundle BUNDLE_DIR IMAGE [--instruction TEXT] [--unnorm-key KEY] [--threads N] "
-                    "[--verify] [--flag] [--ort PATH] [--dump-rgb OUT.ppm]\n");
+                    "[--verify] [--flag] [--ort PATH] [--dump-rgb OUT.ppm] [--multi-token] [--max-draft N] "
+                    "[--tie-margin X] [--gate-rate X] [--adaptive-draft] [--repeat N]\n");
     return 2;
 }
 
@@ -338,7 +349,7 @@ static void print_json_string(const char *s) {
 }
 
 static void print_result(const nora_policy_info *pi, const double *actions, const int64_t *ids,
-                         const int32_t *classes, const nora_chunk_info *ci) {
+                         const int32_t *classes, const nora_chunk_info *ci, int multi_token) {
     printf("{\"actions\": [");
     for (int32_t t = 0; t < pi->time_horizon; t++) {
         printf(t ? ", [" : "[");
@@ -360,6 +371,9 @@ static void print_result(const nora_policy_info *pi, const double *actions, cons
            ci->preprocess_s * 1e3, ci->vision_s * 1e3, ci->prefill_s * 1e3, ci->decode_s * 1e3);
     printf("\"detokenize\": %.17g, \"total\": %.17g, \"decode_step_min\": %.17g, \"decode_step_max\": %.17g}, ",
            ci->detokenize_s * 1e3, ci->total_s * 1e3, ci->decode_step_min_s * 1e3, ci->decode_step_max_s * 1e3);
+    printf("\"decoding\": {\"mode\": \"%s\", \"decoder_calls\": %d, \"verify_calls\": %d, \"proposed\": %d, "
+           "\"accepted\": %d, \"fallback\": %s}, ", multi_token ? "multi-token" : "plain", ci->decoder_calls,
+           ci->verify_calls, ci->proposed, ci->accepted, ci->fallback ? "true" : "false");
     printf("\"onnxruntime\": ");
     print_json_string(pi->onnxruntime_version);
     printf("}\n");
@@ -376,6 +390,36 @@ static int parse_args(int argc, char **argv, args *a) {
             a->verify = 1;
         } else if (strcmp(s, "--flag") == 0) {
             a->flag = 1;
+        } else if (strcmp(s, "--multi-token") == 0) {
+            a->multi_token = 1;
+        } else if (strcmp(s, "--adaptive-draft") == 0) {
+            a->adaptive_draft = 1;
+        } else if (strcmp(s, "--tie-margin") == 0 || strcmp(s, "--gate-rate") == 0) {
+            const char *v = has_value ? argv[++i] : "";
+            char *end = NULL;
+            double x = strtod(v, &end); /* the library checks the value and names the field */
+            if (s[2] == 't') {
+                a->tie_margin = x;
+            } else {
+                a->gate_rate = x;
+            }
+            if (!*v || *end) {
+                fprintf(stderr, "run_bundle: %s must be a number, got '%s'\n", s, v);
+                return -1;
+            }
+        } else if (strcmp(s, "--max-draft") == 0 || strcmp(s, "--repeat") == 0) {
+            const char *v = has_value ? argv[++i] : "";
+            char *end = NULL;
+            long n = strtol(v, &end, 10);
+            if (!*v || *end || n < 1 || n > 1000000) {
+                fprintf(stderr, "run_bundle: %s must be an integer >= 1, got '%s'\n", s, v);
+                return -1;
+            }
+            if (s[2] == 'm') {
+                a->max_draft = (int32_t)n; /* the library checks the range and names the field */
+            } else {
+                a->repeat = (int32_t)n;
+            }
         } else if (strcmp(s, "--instruction") == 0 || strcmp(s, "--unnorm-key") == 0 ||
                    strcmp(s, "--threads") == 0 || strcmp(s, "--ort") == 0 || strcmp(s, "--dump-rgb") == 0) {
             if (!has_value) {
@@ -427,7 +471,7 @@ static int fail(nora_edge_status s) {
 }
 
 int main(int argc, char **argv) {
-    args a = {NULL, NULL, "pick up the red block", NULL, NULL, NULL, 0, 0, 0};
+    args a = {NULL, NULL, "pick up the red block", NULL, NULL, NULL, 0, 6, 1, 0, 0, 0, 1e-3, 0.0, 0};
     if (parse_args(argc, argv, &a) != 0) {
         return usage(NULL);
     }
@@ -447,6 +491,11 @@ int main(int argc, char **argv) {
     opt.threads = a.threads;
     opt.verify_hashes = a.verify;
     opt.forced_tokens = a.flag ? NORA_EDGE_FORCED_FLAG : NORA_EDGE_FORCED_REFUSE;
+    opt.decoding = a.multi_token ? NORA_EDGE_DECODE_MULTI_TOKEN : NORA_EDGE_DECODE_PLAIN;
+    opt.max_draft = a.max_draft;
+    opt.tie_margin = a.tie_margin;
+    opt.gate_rate = a.gate_rate;
+    opt.adaptive_draft = a.adaptive_draft;
 
     int rc = 1;
     nora_policy *policy = NULL;
@@ -478,13 +527,15 @@ int main(int argc, char **argv) {
                 pi.time_horizon, pi.action_dim);
         goto done;
     }
-    s = nora_policy_step(policy, img.rgb, img.height, img.width, (size_t)img.width * 3, a.instruction,
-                         a.unnorm_key, actions, n_actions, ids, classes, n_tokens, &ci);
-    if (s != NORA_EDGE_OK) {
-        rc = fail(s);
-        goto done;
+    for (int32_t k = 0; k < a.repeat; k++) {
+        s = nora_policy_step(policy, img.rgb, img.height, img.width, (size_t)img.width * 3, a.instruction,
+                             a.unnorm_key, actions, n_actions, ids, classes, n_tokens, &ci);
+        if (s != NORA_EDGE_OK) {
+            rc = fail(s);
+            goto done;
+        }
     }
-    print_result(&pi, actions, ids, classes, &ci);
+    print_result(&pi, actions, ids, classes, &ci, a.multi_token);
     rc = fflush(stdout) == 0 ? 0 : 1;
 
 done:

@@ -5,7 +5,9 @@
  *   CLIP normalize, patchify)--> pixel_values (patches, 3*2*14*14) float32 --vision graph--> image embeddings
  *   instruction (UTF-8) --byte-level BPE (the bundle's tokenizer.json)--> prompt ids with image pads
  *   --decoder graph (onnxruntime C API, loaded at run time; the constant prompt prefix prefilled once)-->
- *   constrained greedy loop through libnora_fast (nora_fast.h) --> (T, D) float64 actions + token classes.
+ *   constrained greedy loop through libnora_fast (nora_fast.h; plain: one decoder call per token, or multi-token:
+ *   drafts from earlier chunks verified several per decoder call, the same ids) --> (T, D) float64 actions +
+ *   token classes.
  *
  * Version: NORA_EDGE_ABI_MAJOR.NORA_EDGE_ABI_MINOR. A minor bump only adds functions or option fields at the
  * end of a struct (callers set .struct_size); a major bump breaks the ABI.
@@ -25,7 +27,7 @@ extern "C" {
 #endif
 
 #define NORA_EDGE_ABI_MAJOR 0
-#define NORA_EDGE_ABI_MINOR 3
+#define NORA_EDGE_ABI_MINOR 4
 
 #if defined(__GNUC__)
 #define NORA_EDGE_API __attribute__((visibility("default")))
@@ -98,6 +100,22 @@ typedef enum nora_edge_provider {
     NORA_EDGE_PROVIDER_TENSORRT = 2,  /* onnxruntime's TensorrtExecutionProvider (+ CUDA fallback) on device_id */
 } nora_edge_provider;
 
+/* How the greedy loop calls the decoder (ABI 0.4; nora_edge/multitoken.py, the Python runtime's
+ * decoding="multi-token"). With the tie guard on (tie_margin >= 0) both give the same ids whenever a verify call's
+ * logits differ from the sequential steps' by less than tie_margin / 2 (nora_policy_options.tie_margin). */
+typedef enum nora_edge_decoding {
+    NORA_EDGE_DECODE_PLAIN = 0,       /* one decoder call per generated token */
+    NORA_EDGE_DECODE_MULTI_TOKEN = 1, /* lossless multi-token decoding: up to max_draft ids proposed by an n-gram
+                                       * table of this policy's earlier chunks (per instruction, then policy-wide),
+                                       * cut by the FAST automaton, verified in ONE decoder call reading its
+                                       * logits_all output; the greedy choice at every position is kept (the
+                                       * agreeing prefix + one token), so the ids are the plain loop's (above).
+                                       * Needs a bundle exported with `nora-edge export --multi-token` (decoder
+                                       * output logits_all); the draft table lives as long as the policy. */
+} nora_edge_decoding;
+
+#define NORA_EDGE_MAX_DRAFT_LIMIT 32
+
 typedef struct nora_policy_options {
     size_t struct_size;               /* sizeof(nora_policy_options): set by nora_policy_options_init */
     const char *onnxruntime_path;     /* libonnxruntime.so.1.x to load; NULL: $NORA_EDGE_ONNXRUNTIME */
@@ -110,10 +128,31 @@ typedef struct nora_policy_options {
     int32_t device_id;                /* GPU ordinal for CUDA / TENSORRT (default 0) */
     const char *trt_cache_dir;        /* TENSORRT: directory for built engines (NULL: rebuild at every create) */
     int32_t trt_fp16;                 /* TENSORRT: 1 lets TensorRT pick fp16 kernels (default 0: fp32) */
+    /* ABI 0.4 (a caller built against 0.2 / 0.3 passes its smaller struct_size and gets the defaults) */
+    int32_t decoding;                 /* nora_edge_decoding (default PLAIN) */
+    int32_t max_draft;                /* MULTI_TOKEN: most ids proposed per decoder call, 1 .. 32 (default 6) */
+    double tie_margin;                /* MULTI_TOKEN: tie guard in logit units (default 1e-3). Once a verify call's
+                                       * logits were used, every choice must win by >= tie_margin (top-2 gap of the
+                                       * penalised scores over all rows and over the allowed ids), else the chunk
+                                       * is re-decoded by the plain loop from the prefill (nora_chunk_info.fallback):
+                                       * the ids then equal the plain loop's whenever the verify call's logits differ
+                                       * from the sequential ones by less than tie_margin / 2. A negative value turns
+                                       * the guard off (faster, but a near tie may then pick another id than the
+                                       * plain loop); NaN or infinite: NORA_EDGE_ERR_INPUT. */
+    double gate_rate;                 /* MULTI_TOKEN: stop drafting for an instruction whose recent drafts were
+                                       * accepted at a rate below this (decayed x0.8 per chunk, over >= 8 drafts;
+                                       * every 4th gated chunk still drafts), in [0, 1]; 0 (default) = never */
+    int32_t adaptive_draft;           /* MULTI_TOKEN: 1 = after a partly rejected call the next proposes at most
+                                       * 2x the accepted count (>= 1), back to max_draft after a fully accepted one;
+                                       * 0 (default) = always max_draft. Gate and adaptive K trade decoder calls for
+                                       * shorter calls: worth it where a call's cost grows with its length (a
+                                       * compute-bound CPU host; the Python runtime's CPU_HOST settings: 0.2, 1),
+                                       * not where decode streams the weights once per call (Jetson, GPU). */
 } nora_policy_options;
 
 /* Defaults: onnxruntime from $NORA_EDGE_ONNXRUNTIME, threads 0, verify_hashes 0, REFUSE, max_repaired 0, CPU,
- * device 0, no engine cache, trt_fp16 0. */
+ * device 0, no engine cache, trt_fp16 0, PLAIN decoding, max_draft 6, tie_margin 1e-3, gate_rate 0, adaptive_draft 0
+ * (nora_edge.multitoken.MultiTokenConfig's defaults). */
 NORA_EDGE_API void nora_policy_options_init(nora_policy_options *options);
 
 typedef struct nora_policy_info {
@@ -134,13 +173,21 @@ typedef struct nora_chunk_info {
     int32_t flagged;                  /* 1 when a token was not the model's own choice */
     int32_t prompt_tokens;            /* S */
     double preprocess_s, vision_s, prefill_s, decode_s, detokenize_s, total_s;
-    double decode_step_min_s, decode_step_max_s;
+    double decode_step_min_s, decode_step_max_s;  /* per decoder call after the prefill (verify calls included) */
+    /* ABI 0.4 (filled when struct_size is sizeof this struct; a 0.3 caller's smaller struct_size is accepted) */
+    int32_t decoder_calls;            /* decoder calls after the prefill: plain steps + verify calls */
+    int32_t verify_calls;             /* MULTI_TOKEN: calls on several new tokens (logits_all) */
+    int32_t proposed, accepted;       /* MULTI_TOKEN: drafts fed to verify calls / drafts equal to the greedy
+                                       * choice */
+    int32_t fallback;                 /* MULTI_TOKEN: 1 when a near tie re-decoded the chunk with the plain loop
+                                       * (the counts include both runs) */
 } nora_chunk_info;
 
 /* Load and verify a bundle (manifest, sizes, optionally sha256), open both graphs, prefill the prompt prefix.
  * options may be NULL (defaults). The decoder must be a fixed-buffer graph (`export --decoder-graph fused`, or
  * the TensorRT flavor's static KV) and the vision graph specialised to one grid: NORA_EDGE_ERR_UNSUPPORTED
- * otherwise. *out is NULL on failure. */
+ * otherwise. A bad option value is NORA_EDGE_ERR_INPUT naming the field; MULTI_TOKEN on a decoder without the
+ * logits_all output is NORA_EDGE_ERR_BUNDLE (re-export with --multi-token). *out is NULL on failure. */
 NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const nora_policy_options *options,
                                                   nora_policy **out);
 NORA_EDGE_API void nora_policy_destroy(nora_policy *policy);
@@ -166,7 +213,8 @@ NORA_EDGE_API nora_edge_status nora_policy_select_action(nora_policy *policy, co
                                                          const char *unnorm_key, double *action,
                                                          size_t action_len, int32_t *new_chunk);
 
-/* Forget queued actions (episode start). */
+/* Forget queued actions (episode start). The multi-token draft table is kept: earlier episodes are what the next
+ * one drafts from (NoraPolicy.reset). */
 NORA_EDGE_API nora_edge_status nora_policy_reset(nora_policy *policy);
 
 #ifdef __cplusplus

@@ -37,7 +37,7 @@ extern "C" {
 #endif
 
 #define NORA_FAST_VERSION_MAJOR 1
-#define NORA_FAST_VERSION_MINOR 1
+#define NORA_FAST_VERSION_MINOR 2
 #define NORA_FAST_VERSION (NORA_FAST_VERSION_MAJOR * 1000 + NORA_FAST_VERSION_MINOR)
 /* codec/native/native.txt "nora_fast_native <N>": the file format this build reads */
 #define NORA_FAST_NATIVE_FORMAT 1
@@ -182,6 +182,24 @@ NORA_FAST_API int nora_fast_decode(const nora_fast_ctx* ctx, int batch, const in
 NORA_FAST_API int nora_fast_decode_f64(const nora_fast_ctx* ctx, int batch, const int32_t* ids, int64_t id_stride,
                                        const int32_t* lengths, int program, double* actions, int32_t* coeffs,
                                        int32_t* status, int32_t* error_pos);
+
+/* ---- automaton queries and the tie margin (CPU only; since 1.2) -------------------------------------------- */
+/* Multi-token decoding (nora-edge's nora_edge/multitoken.py, nora_edge/drafts.py `admissible`): how long a prefix
+ * of proposed FAST ids the constraint automaton accepts from (done, pending), advancing a copy of the state:
+ * the walk stops at a complete state (done == T*D, nothing pending), at an id outside [0, V) and at the first
+ * id not allowed. *out_count receives the prefix length; done / pending (may be NULL) the state after it.
+ * NORA_FAST_E_ARGUMENT for a NULL ctx / out_count, n < 0, ids NULL with n > 0, or a state outside the automaton. */
+NORA_FAST_API int nora_fast_admissible(const nora_fast_ctx* ctx, int32_t done, int32_t pending, const int32_t* ids,
+                                       int n, int32_t* out_count, int32_t* out_done, int32_t* out_pending);
+
+/* The top-2 gaps of one logits row (n_rows,) float32 after the repetition penalty (seen / penalty as in
+ * nora_fast_select, not written): gap_all over every head row, gap_allowed over the FAST ids allowed in
+ * (done, pending). Each gap is the float32 difference of the two largest scores (ties: 0); +inf with fewer than
+ * two candidates; NaN when a candidate is NaN or the two largest are both +inf or both -inf (the values numpy's
+ * top-2 gives). The caller compares min(gap_all, gap_allowed) with its margin. NORA_FAST_E_ARGUMENT for NULL
+ * pointers, penalty <= 0 or a state outside the automaton. */
+NORA_FAST_API int nora_fast_gap(const nora_fast_ctx* ctx, const float* logits, const uint8_t* seen, float penalty,
+                                int32_t done, int32_t pending, float* gap_all, float* gap_allowed);
 
 /* ---- CUDA (device pointers; same semantics as the CPU calls) ---------------------------------------------- */
 /* Copy the tables to the current device (once per context). */

@@ -1,7 +1,8 @@
 # mk/runtime.mk — libnora_edge, the whole firmware runtime (include/nora_edge.h; included by kernels/Makefile).
 #
 #   make -C kernels runtime     $(BUILD)/libnora_edge.so + $(BUILD)/libnora_edge.a: preprocessing (mk/edge.mk's C
-#                               objects), bundle reader, tokenizer, prompt, the policy object (src/edge/policy*.cpp),
+#                               objects), bundle reader, tokenizer, prompt, the policy object (src/edge/policy*.cpp,
+#                               decode loops greedy.cpp / multitoken.cpp, draft table drafts.cpp),
 #                               the onnxruntime layer (src/ort, onnxruntime dlopen'ed at run time) and libnora_fast's
 #                               CPU objects. The .so exports nora_edge.h's symbols only (mk/libnora_edge.map) and
 #                               needs libpcre2-8, libutf8proc, libstdc++ at run time; the .a needs the link line
@@ -9,8 +10,9 @@
 #   make -C kernels policy-check   tools/policy_check.cpp: runs a bundle on frames from a case file (the parity
 #                               tests write it) and prints ids, classes and actions ($(BUILD)/runtime/policy_check)
 # The Python runtime's preprocessing loads the dependency-free subset libnora_edge_pre.so (mk/edge.mk) instead.
-RUNTIME_CXX_SRC := src/edge/policy.cpp src/edge/policy_step.cpp
-RUNTIME_HEADERS := src/edge/policy_impl.h $(BUNDLE_HEADERS) $(PROMPT_HEADERS) $(ORT_HDR) include/nora_fast.h
+RUNTIME_CXX_SRC := src/edge/policy.cpp src/edge/policy_step.cpp src/edge/greedy.cpp src/edge/multitoken.cpp \
+  src/edge/drafts.cpp
+RUNTIME_HEADERS := src/edge/policy_impl.h src/edge/decode.h src/edge/drafts.h $(BUNDLE_HEADERS) $(PROMPT_HEADERS) $(ORT_HDR) include/nora_fast.h
 RUNTIME_CXXFLAGS = $(TOK_CXXFLAGS) -Isrc/ort -I$(ORT_INC)
 RUNTIME_OBJ := $(RUNTIME_CXX_SRC:src/edge/%.cpp=$(BUILD)/runtime/%.o) $(BUILD)/runtime/ort_run.o
 RUNTIME_ASAN_OBJ := $(RUNTIME_CXX_SRC:src/edge/%.cpp=$(BUILD)/runtime-asan/%.o) $(BUILD)/runtime-asan/ort_run.o

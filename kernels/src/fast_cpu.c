@@ -5,6 +5,8 @@
  *   automaton and mark the chosen row as seen.
  * decode: for each sequence b: nf_decode_seq (ids -> strict UTF-8 -> integer coefficients, status) then every
  *   (t, d) through nf_action (float64 iDCT + post-processing program) -> float32; a failed sequence gets NaN.
+ * admissible / gap (since 1.2, multi-token decoding): walk proposed ids through the automaton (nf_allowed, the
+ *   select path's test); the top-2 gaps of one row's penalised scores (nf_scan_gap).
  * The per-element code is fast_elem.h, shared with the CUDA kernels.
  */
 #include <stdlib.h>
@@ -138,4 +140,43 @@ int nora_fast_decode_f64(const nora_fast_ctx* ctx, int batch, const int32_t* ids
                          int32_t* error_pos) {
   return decode_into(ctx, batch, ids, id_stride, lengths, program, NULL, actions, coeffs, status, error_pos,
                      "nora_fast_decode_f64");
+}
+
+int nora_fast_admissible(const nora_fast_ctx* ctx, int32_t done, int32_t pending, const int32_t* ids, int n,
+                         int32_t* out_count, int32_t* out_done, int32_t* out_pending) {
+  if (!ctx || !out_count || n < 0 || (n > 0 && !ids))
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_admissible: NULL ctx / out_count / ids or n %d < 0", n);
+  const nf_view* v = &ctx->host;
+  if (!nf_state_ok(v, done, pending))
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_admissible: state (%d, %d) outside the automaton", done,
+                   pending);
+  int32_t keep = 0;
+  for (; keep < n; ++keep) {
+    int32_t id = ids[keep];
+    if ((done == v->total && pending == 0) || id < 0 || id >= v->V || !nf_allowed(v, done, pending, id)) break;
+    int64_t k = (int64_t)pending * v->V + id;
+    done += v->adv[k];
+    pending = v->nxt[k];
+  }
+  *out_count = keep;
+  if (out_done) *out_done = done;
+  if (out_pending) *out_pending = pending;
+  nf_ok();
+  return NORA_FAST_OK;
+}
+
+int nora_fast_gap(const nora_fast_ctx* ctx, const float* logits, const uint8_t* seen, float penalty, int32_t done,
+                  int32_t pending, float* gap_all, float* gap_allowed) {
+  if (!ctx || !logits || !gap_all || !gap_allowed)
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_gap: NULL ctx, logits, gap_all or gap_allowed");
+  if (!(penalty > 0.0f)) return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_gap: penalty %g must be > 0", penalty);
+  const nf_view* v = &ctx->host;
+  if (!nf_state_ok(v, done, pending))
+    return nf_fail(NORA_FAST_E_ARGUMENT, "nora_fast_gap: state (%d, %d) outside the automaton", done, pending);
+  nf_top2 all_rows = nf_top2_init(), allowed = nf_top2_init();
+  nf_scan_gap(v, logits, penalty != 1.0f ? seen : NULL, penalty, done, pending, &all_rows, &allowed);
+  *gap_all = nf_top2_gap(&all_rows);
+  *gap_allowed = nf_top2_gap(&allowed);
+  nf_ok();
+  return NORA_FAST_OK;
 }

@@ -8,6 +8,8 @@
  *                         reachable: reach[total - done - adv[q, v], nxt[q, v]])
  *            nf_best_*   (argmax with NaN detection; ties to the lowest key = model id / row; mergeable, so a
  *                         CUDA reduction over chunks gives the same answer as one sequential scan)
+ *   margin:  nf_top2_* / nf_scan_gap (top-2 gap of the penalised scores over all rows and over the allowed ids:
+ *                         multi-token decoding's tie guard, CPU only)
  *   decode:  nf_decode_seq (ids -> bytes -> strict UTF-8 (Unicode 15, table 3-7) -> code points + min_token)
  *            nf_action     (one (t, d): sum_k basis[t, k] * coeff[k, d] / scale in float64, then the program)
  */
@@ -142,6 +144,55 @@ NORA_HD int32_t nf_select_status(const nf_best* top, const nf_best* allowed) {
   if (allowed->count == 0) return NORA_FAST_SEL_NO_ALLOWED;
   if (!nf_best_finite(allowed)) return NORA_FAST_SEL_NOT_FINITE;
   return NORA_FAST_SEL_OK;
+}
+
+/* ---- margin (multi-token decoding's tie guard; nora_edge/multitoken.py check_margin) --------------------- */
+/* The two largest of a stream of float32 scores, as numpy's np.partition(values, n - 2)[-2:] gives them: a NaN
+ * anywhere makes the gap NaN (numpy sorts NaN last), fewer than 2 values make it +inf. */
+typedef struct {
+  float first, second; /* largest, second largest (duplicates count: two equal maxima give gap 0) */
+  int32_t count;
+  int32_t nan;
+} nf_top2;
+
+NORA_HD nf_top2 nf_top2_init(void) {
+  nf_top2 t;
+  t.first = -INFINITY;
+  t.second = -INFINITY;
+  t.count = 0;
+  t.nan = 0;
+  return t;
+}
+
+NORA_HD void nf_top2_push(nf_top2* t, float s) {
+  t->count += 1;
+  if (isnan(s)) {
+    t->nan = 1;
+  } else if (s > t->first) {
+    t->second = t->first;
+    t->first = s;
+  } else if (s > t->second) {
+    t->second = s;
+  } /* else s is -inf or below second; second starting at -inf keeps [x, -inf] -> +inf, [-inf, -inf] -> NaN */
+}
+
+/* |first - second| in float32 (numpy subtracts the two np.float32 values); NaN / +inf as described above. */
+NORA_HD float nf_top2_gap(const nf_top2* t) {
+  if (t->count < 2) return INFINITY;
+  if (t->nan) return NAN;
+  return t->first - t->second; /* first >= second: >= 0, or NaN for inf - inf / -inf - -inf */
+}
+
+/* Top-2 of one row's penalised scores over every head row (a) and over the FAST ids the automaton allows (b). */
+NORA_HD void nf_scan_gap(const nf_view* v, const float* logits, const uint8_t* seen, float penalty, int32_t done,
+                         int32_t pending, nf_top2* all_rows, nf_top2* allowed) {
+  for (int32_t row = 0; row < v->n_rows; ++row)
+    nf_top2_push(all_rows, nf_penalize(logits[row], seen ? seen[row] : 0, penalty));
+  for (int32_t id = 0; id < v->V; ++id) {
+    if (!nf_allowed(v, done, pending, id)) continue;
+    int32_t row = v->action_rows[id];
+    nf_top2_push(allowed, nf_penalize(logits[row], seen ? seen[row] : 0, penalty));
+  }
 }
 
 /* ---- decode ----------------------------------------------------------------------------------------------- */

@@ -3,6 +3,7 @@
  * returns their status with the message in nora_edge_last_error(); nothing throws across the C ABI.
  */
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -173,7 +174,7 @@ void allocate(PolicyState &st) {
     st.logits.resize((size_t)st.rows);
     st.ids.resize(L), st.positions.resize(3 * L), st.step_positions.resize(3 * L);
     st.ones.assign(L, 1), st.cache_position.resize(L), st.sorted_prompt.resize(L);
-    st.seen.resize((size_t)st.rows);
+    st.seen.resize((size_t)st.rows), st.seen_prompt.resize((size_t)st.rows);
     const size_t T = (size_t)st.max_tokens;
     st.out_ids.resize(T), st.top_ids.resize(T), st.classes.resize(T), st.fast_ids.resize(T);
     st.chunk.resize((size_t)(st.horizon * st.action_dim));
@@ -206,6 +207,11 @@ NORA_EDGE_API void nora_policy_options_init(nora_policy_options *o) {
     std::memset(o, 0, sizeof *o);
     o->struct_size = sizeof *o;
     o->forced_tokens = NORA_EDGE_FORCED_REFUSE;
+    o->decoding = NORA_EDGE_DECODE_PLAIN;
+    o->max_draft = 6;  /* nora_edge/multitoken.py DEFAULT_MAX_DRAFT */
+    o->tie_margin = 1e-3;  /* DEFAULT_TIE_MARGIN */
+    o->gate_rate = 0.0;    /* MultiTokenConfig defaults: no gate, fixed K */
+    o->adaptive_draft = 0;
 }
 
 NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const nora_policy_options *options,
@@ -235,6 +241,20 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
                                    "NORA_EDGE_FORCED_FLAG, got %d", opts.forced_tokens);
     if (opts.max_repaired < 0)
         return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "max_repaired must be >= 0, got %d", opts.max_repaired);
+    if (opts.decoding != NORA_EDGE_DECODE_PLAIN && opts.decoding != NORA_EDGE_DECODE_MULTI_TOKEN)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "decoding must be NORA_EDGE_DECODE_PLAIN or "
+                                   "NORA_EDGE_DECODE_MULTI_TOKEN, got %d", opts.decoding);
+    if (opts.max_draft < 1 || opts.max_draft > NORA_EDGE_MAX_DRAFT_LIMIT)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "max_draft must be in [1, %d], got %d",
+                                   NORA_EDGE_MAX_DRAFT_LIMIT, opts.max_draft);
+    if (!std::isfinite(opts.tie_margin))
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "tie_margin must be a finite number (negative: guard off), "
+                                   "got %g", opts.tie_margin);
+    if (!(opts.gate_rate >= 0.0 && opts.gate_rate <= 1.0))
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "gate_rate must be a number in [0, 1] (0: no gate), got %g",
+                                   opts.gate_rate);
+    if (opts.adaptive_draft != 0 && opts.adaptive_draft != 1)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "adaptive_draft must be 0 or 1, got %d", opts.adaptive_draft);
     std::unique_ptr<PolicyState> state;
     nora_edge_status rc = guarded("nora_policy_create", [&] {
         Bundle b = Bundle::load(bundle_dir, opts.verify_hashes != 0);
@@ -256,6 +276,7 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
         open_graphs(st);
         allocate(st);
         bind_decode_step(st);
+        if (opts.decoding == NORA_EDGE_DECODE_MULTI_TOKEN) bind_verify(st);  /* multitoken.cpp */
         prefill_prefix(st);
     });
     if (rc != NORA_EDGE_OK) return rc;

@@ -5,8 +5,9 @@
  * Tokenizer, PromptBuilder (forbidden ids: the tokenizer's added tokens + the action range, as Python) ->
  * onnxruntime (dlopen) sessions for both graphs -> libnora_fast context from codec/native/ -> every buffer a
  * chunk needs allocated once (KV (2 * layers, kv_heads, max_len, head_dim), embeddings (max_len, H), logits,
- * ids, positions, masks) -> the prompt prefix prefilled into KV slots [0, P).
- * A step (policy_step.cpp) then only writes into these buffers.
+ * ids, positions, masks; with multi-token decoding also the verify call's logits_all (max_draft + 1, rows), its
+ * binding and values per S) -> the prompt prefix prefilled into KV slots [0, P).
+ * A step (policy_step.cpp, the decode loops in greedy.cpp / multitoken.cpp) then only writes into these buffers.
  */
 #ifndef NORA_EDGE_POLICY_IMPL_H
 #define NORA_EDGE_POLICY_IMPL_H
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "edge/bundle.h"
+#include "edge/drafts.h"
 #include "edge/edge_error.h"
 #include "edge/prompt.h"
 #include "edge/tokenizer.h"
@@ -104,6 +106,7 @@ struct PolicyState {
     AVec<int64_t> cache_position; /* (max_len,) static layout's slots */
     std::vector<int64_t> sorted_prompt;  /* (max_len,) for the repetition-penalty marks */
     std::vector<uint8_t> seen;           /* (rows,) */
+    std::vector<uint8_t> seen_prompt;    /* (rows,) the prompt's marks: a decode loop starts from them */
     std::vector<int64_t> out_ids, top_ids;  /* (max_tokens,) */
     std::vector<int32_t> classes, fast_ids; /* (max_tokens,) */
     std::vector<double> chunk;           /* (T, D) the last step's actions before they are handed out */
@@ -114,6 +117,18 @@ struct PolicyState {
     std::vector<Value> kv_values, mask_values;
     Value logits_value, step_embeds_value, step_pos_value, step_cpos_value;
     std::unique_ptr<nora_binding, BindingDeleter> step_binding;
+
+    /* multi-token decoding (options.decoding == NORA_EDGE_DECODE_MULTI_TOKEN; multitoken.cpp): the verify call's
+     * binding (KV in place as the step's; per call the S-sized values below and the mask of the new length are
+     * rebound), its buffers and the draft table. Values indexed by S - 1, S = 1 .. max_draft + 1. */
+    AVec<float> first_logits;            /* (rows,) the prefill's logits, kept for the fallback */
+    AVec<float> logits_all;              /* (max_draft + 1, rows) */
+    std::vector<int64_t> drafts;         /* (max_draft,) Qwen ids proposed */
+    std::vector<int64_t> embeds_ids;     /* (max_draft + 1,) a verify call's ids: pending, d1 .. dn */
+    std::vector<int32_t> draft_fast;     /* (max_draft,) the same as FAST ids (-1 outside the action range) */
+    std::vector<Value> verify_embeds_values, verify_pos_values, verify_logits_values, verify_cpos_values;
+    std::unique_ptr<nora_binding, BindingDeleter> verify_binding;
+    DraftTable draft_table;              /* lives as long as the policy (nora_policy_reset keeps it) */
 
     /* select_action queue (NoraPolicy._queue) */
     std::vector<double> queue;           /* (T, D) */
@@ -145,6 +160,14 @@ void bind_decode_step(PolicyState &st);
  * written at KV slot `index`, through the persistent binding (no allocation in this library). */
 void decoder_step(PolicyState &st, int64_t index);
 
+/* Multi-token decoding's buffers, values and verify binding (multitoken.cpp; after bind_decode_step).
+ * Throws BundleError: NORA_EDGE_ERR_BUNDLE when the decoder graph has no logits_all output. */
+void bind_verify(PolicyState &st);
+
+/* The verify call: `s` new tokens (embeddings embeds[0 : s), positions step_positions (3, s)) written at KV slots
+ * [length, length + s); logits of every new position into logits_all (s, rows). No allocation in this library. */
+void decoder_verify(PolicyState &st, int64_t length, int64_t s);
+
 /* Run body() and turn the internal exceptions into the nora_edge.h status and thread message (`what` names the C
  * call in runtime / memory messages): the one place nothing throws across the C ABI. */
 template <class Body>
@@ -172,6 +195,8 @@ struct StepResult {
     int64_t prompt_tokens = 0;
     double preprocess_s = 0, vision_s = 0, prefill_s = 0, decode_s = 0, detokenize_s = 0, total_s = 0;
     double step_min_s = 0, step_max_s = 0;
+    int32_t decoder_calls = 0, verify_calls = 0, proposed = 0, accepted = 0;  /* nora_chunk_info (ABI 0.4) */
+    bool fallback = false;
     bool refused = false;                /* the REFUSE rule refused it: message in `why` */
     std::string why;
 };

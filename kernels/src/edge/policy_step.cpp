@@ -3,9 +3,9 @@
  *   unnorm key -> post program (Chain.stats_for's rules) -> instruction ids (PromptBuilder.instruction_ids) ->
  *   RGB frame --nora_edge_preprocess--> pixel_values --vision graph--> image embeddings (n, H) ->
  *   prompt ids + mrope positions (PromptBuilder.build_into) -> prefill of tokens [P, S) after the prefix KV, the
- *   image run's rows replaced by the vision output (generate.prefill) -> constrained greedy loop
- *   (generate.greedy: nora_fast_select = repetition penalty, the model's own top row, masked argmax, automaton
- *   advance; token classes; one decoder step per token at slot `index`) -> FAST ids (the action range) ->
+ *   image run's rows replaced by the vision output (generate.prefill) -> constrained greedy loop (decode.h:
+ *   plain, generate.greedy, one decoder step per token at slot `index`; or multi-token, nora_edge/multitoken.py,
+ *   drafts verified several per decoder call, the same ids) -> FAST ids (the action range) ->
  *   nora_fast_decode_f64 (strict decode, float64 DCT-III, the bundle's post chain) -> (T, D) float64 ->
  *   forced-token rule (chunk.check_forced_tokens).
  * Hot path: everything lives in PolicyState's buffers, allocated at create; a token rebinds the attention mask of
@@ -15,9 +15,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <string>
 
+#include "edge/decode.h"
 #include "edge/edge_error.h"
 #include "edge/policy_impl.h"
 #include "onnxruntime_c_api.h"
@@ -226,48 +228,16 @@ StepResult run_chunk(PolicyState &st, const uint8_t *rgb, int32_t height, int32_
     std::copy(st.ids.begin(), st.ids.begin() + S, st.sorted_prompt.begin());
     std::sort(st.sorted_prompt.begin(), st.sorted_prompt.begin() + S);
     for (int64_t row = 0; row < st.rows; row++)
-        st.seen[(size_t)row] = std::binary_search(st.sorted_prompt.begin(), st.sorted_prompt.begin() + S,
-                                                  st.head_rows[(size_t)row]);
-    const GenerationInfo &gen = st.bundle.generation;
-    const bool penalise = gen.has_repetition_penalty && gen.repetition_penalty != 1.0;
-    const float penalty = penalise ? (float)gen.repetition_penalty : 1.0f;
-    int32_t done = 0, pending = 0, count = 0;
-    const int32_t total = st.horizon * st.action_dim, limit = st.max_tokens;
-    int64_t index = S;
-    r.step_min_s = 1e300;
-    for (;;) {
-        int32_t fid = -1, top = -1, status = 0;
-        if (nora_fast_select(st.fast.get(), 1, st.logits.data(), st.rows, penalise ? st.seen.data() : nullptr,
-                             penalty, &done, &pending, &fid, &top, &status) != NORA_FAST_OK)
-            fail(NORA_EDGE_ERR_DETOKENIZE, std::string("constrained decoding: selection status '") +
-                                               nora_fast_sel_status_name(status) + "' after " +
-                                               std::to_string(count) + " tokens (" + nora_fast_last_error() + ")");
-        const int32_t row = st.action_rows[(size_t)fid];
-        const int64_t token = st.head_rows[(size_t)row], top_id = st.head_rows[(size_t)top];
-        if (penalise) st.seen[(size_t)row] = 1;
-        int32_t cls = NORA_EDGE_TOKEN_MODEL;
-        if (row != top)
-            cls = std::find(gen.eos_token_ids.begin(), gen.eos_token_ids.end(), top_id) != gen.eos_token_ids.end()
-                      ? NORA_EDGE_TOKEN_FORCED
-                      : NORA_EDGE_TOKEN_REPAIRED;
-        st.out_ids[(size_t)count] = token, st.top_ids[(size_t)count] = top_id, st.classes[(size_t)count] = cls;
-        st.fast_ids[(size_t)count] = fid;  /* every generated id is in the action range (constrained) */
-        r.class_counts[cls]++;
-        count++;
-        if (done == total && pending == 0) break;
-        if (count >= limit)
-            fail(NORA_EDGE_ERR_DETOKENIZE,
-                 "constrained decoding did not complete within " + std::to_string(limit) + " tokens");
-        const Clock::time_point s0 = Clock::now();
-        st.embeddings.gather_f32(&token, 1, st.embeds.data());
-        if (decode_positions(index, pi.rope_delta, 1, st.step_positions.data(), 3) != NORA_EDGE_OK)
-            fail(NORA_EDGE_ERR_INPUT, "decode position overflow");
-        decoder_step(st, index);
-        const double ds = seconds(s0, Clock::now());
-        r.step_min_s = std::min(r.step_min_s, ds), r.step_max_s = std::max(r.step_max_s, ds);
-        index++;
-    }
-    if (r.step_min_s > r.step_max_s) r.step_min_s = 0;
+        st.seen_prompt[(size_t)row] = std::binary_search(st.sorted_prompt.begin(), st.sorted_prompt.begin() + S,
+                                                         st.head_rows[(size_t)row]);
+    Selector sel(st);
+    sel.reset();
+    if (st.options.decoding == NORA_EDGE_DECODE_MULTI_TOKEN)
+        multitoken_loop(st, sel, S, pi.rope_delta, instruction, r);  /* decode.h */
+    else
+        greedy_loop(st, sel, st.logits.data(), S, pi.rope_delta, r);
+    int32_t count = sel.count();
+    std::memcpy(r.class_counts, sel.class_counts(), sizeof r.class_counts);
     const Clock::time_point t4 = Clock::now();
     int32_t seq_status = 0, error_pos = -1;
     if (nora_fast_decode_f64(st.fast.get(), 1, st.fast_ids.data(), count, &count, program, st.chunk.data(), nullptr,
@@ -317,9 +287,10 @@ NORA_EDGE_API nora_edge_status nora_policy_step(nora_policy *policy, const uint8
     if ((token_ids || token_classes) && tokens_len < (size_t)st.max_tokens)
         return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "nora_policy_step: tokens_len %zu < max_tokens %d",
                                    tokens_len, st.max_tokens);
-    if (info && info->struct_size != sizeof *info)
-        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "nora_policy_step: info.struct_size %zu != %zu",
-                                   info->struct_size, sizeof *info);
+    const size_t info_v03 = offsetof(nora_chunk_info, decoder_calls);  /* a caller built against ABI 0.3 */
+    if (info && info->struct_size != sizeof *info && info->struct_size != info_v03)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "nora_policy_step: info.struct_size %zu is neither %zu "
+                                   "(ABI 0.4) nor %zu (ABI 0.3)", info->struct_size, sizeof *info, info_v03);
     std::lock_guard<std::mutex> hold(st.lock);
     StepResult r;
     const nora_edge_status rc = step_locked(st, rgb, height, width, stride, instruction, unnorm_key, r);
@@ -336,6 +307,10 @@ NORA_EDGE_API nora_edge_status nora_policy_step(nora_policy *policy, const uint8
         info->preprocess_s = r.preprocess_s, info->vision_s = r.vision_s, info->prefill_s = r.prefill_s;
         info->decode_s = r.decode_s, info->detokenize_s = r.detokenize_s, info->total_s = r.total_s;
         info->decode_step_min_s = r.step_min_s, info->decode_step_max_s = r.step_max_s;
+        if (info->struct_size == sizeof *info) {  /* ABI 0.4 */
+            info->decoder_calls = r.decoder_calls, info->verify_calls = r.verify_calls;
+            info->proposed = r.proposed, info->accepted = r.accepted, info->fallback = r.fallback;
+        }
     }
     if (rc == NORA_EDGE_OK) std::memcpy(actions, st.chunk.data(), want * sizeof(double));
     return rc;

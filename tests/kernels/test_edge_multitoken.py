@@ -1,0 +1,311 @@
+"""libnora_edge's multi-token decoding (kernels/src/edge/multitoken.cpp, drafts.cpp; nora_fast.h 1.2's
+admissible / gap) against the Python runtime it ports (nora_edge/multitoken.py, nora_edge/drafts.py).
+
+Data flow: ``make -C kernels runtime`` --> libnora_edge.so --ctypes (nora_edge.edge_policy)--> one policy per
+decoding on the tiny trained checkpoint exported fused with ``multi_token=True``, next to the Python
+``MultiTokenRunner`` (plain and multi-token loops of one NoraPolicy) on the same frames: over a parity set run
+twice (the second pass drafts from the first) C multi-token ids == C plain ids == Python plain ids, and the C
+decode-loop counters (decoder calls, verify calls, proposed, accepted, fallback) == Python's ``MultiTokenStats``
+chunk by chunk from the same fresh draft-table state; option errors; the example program. The pieces (draft
+table, libnora_fast's automaton walk / top-2 gaps) are checked on their own in test_edge_multitoken_pieces.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nora_edge.drafts import DraftTable
+from nora_edge.edge_policy import EdgePolicy, _ChunkInfo, _Options, load_library, wheel_onnxruntime
+from nora_edge.errors import BundleError, InputError
+from nora_edge.multitoken import CPU_HOST, MultiTokenRunner
+from tests.synthetic_pairs import held_out_pairs
+
+from .conftest import KERNELS
+
+PARITY = held_out_pairs(12, seed=11)
+COUNTERS = ("decoder_calls", "verify_calls", "proposed", "accepted", "fallback")
+
+
+@pytest.fixture(scope="session")
+def edge_lib(edge_cxx_build: Path) -> Path:
+    """libnora_edge.so built in the session's C++ build dir (as test_edge_policy.py's fixture)."""
+    r = subprocess.run(
+        ["make", "-C", str(KERNELS), "runtime", f"BUILD={edge_cxx_build}", "-j2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return edge_cxx_build / "libnora_edge.so"
+
+
+@pytest.fixture(scope="module")
+def mt_bundle(tiny_trained_ckpt_h5: Path, tmp_path_factory) -> Path:
+    """The trained tiny checkpoint exported fused with the logits_all output (``--multi-token``)."""
+    from nora_edge.export.pipeline import export_bundle
+    from nora_edge.export.synthetic_task import instruction_list
+
+    out = tmp_path_factory.mktemp("edgemt") / "fused_mt"
+    return export_bundle(
+        tiny_trained_ckpt_h5, out, decoder_graph="fused", multi_token=True, progress=False,
+        validation_prompts=4, validation_instructions=instruction_list(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runner(mt_bundle: Path) -> MultiTokenRunner:
+    return MultiTokenRunner.load(mt_bundle, threads=1, forced_tokens="flag")
+
+
+def _edge(lib: Path, bundle: Path, **kw) -> EdgePolicy:
+    return EdgePolicy.load(bundle, library=lib, threads=1, forced_tokens="flag", **kw)
+
+
+def _py_counters(stats) -> dict:
+    return {k: v for k, v in stats.to_json().items() if k in COUNTERS}
+
+
+def run_both(lib: Path, bundle: Path, runner: MultiTokenRunner, pairs, **cfg) -> list[dict]:
+    """C and Python multi-token chunks with settings ``cfg`` (MultiTokenConfig's names) on the same sequence,
+    both from a fresh draft table."""
+    edge = _edge(lib, bundle, decoding="multi-token", **cfg)
+    runner.drafts = DraftTable()
+    out = []
+    for image, text in pairs:
+        c = edge.step(image, text)
+        res, stats, _ = runner.multitoken(image, text, **cfg)
+        out.append({"c": c, "py_ids": res.ids.tolist(), "py": _py_counters(stats)})
+    return out
+
+
+def test_multi_token_ids_and_decoder_calls_equal_the_python_runtime(edge_lib, mt_bundle, runner):
+    """Parity set twice: C multi == C plain == Python plain ids; C counters == Python's chunk by chunk."""
+    pairs = PARITY + PARITY
+    plain = _edge(edge_lib, mt_bundle)
+    runs = run_both(edge_lib, mt_bundle, runner, pairs)  # the defaults: fixed K = 6, no gate
+    n = {"chunks": 0, "ids": 0, "plain_calls": 0, "multi_calls": 0, "verify": 0, "accepted": 0}
+    for (image, text), r in zip(pairs, runs, strict=True):
+        p = plain.step(image, text)
+        py_plain, _ = runner.plain(image, text)
+        m = r["c"]
+        assert m.ids.tolist() == p.ids.tolist() == py_plain.ids.tolist() == r["py_ids"], text
+        assert m.token_classes == p.token_classes
+        np.testing.assert_array_equal(m.actions, p.actions)  # same ids -> the same decode, bit for bit
+        assert m.counters == r["py"], text
+        assert p.counters == {"decoder_calls": p.ids.size - 1, "verify_calls": 0, "proposed": 0, "accepted": 0,
+                              "fallback": False}  # fmt: skip
+        n["chunks"] += 1
+        n["ids"] += m.ids.size
+        n["plain_calls"] += p.counters["decoder_calls"]
+        n["multi_calls"] += m.counters["decoder_calls"]
+        n["verify"] += m.counters["verify_calls"]
+        n["accepted"] += m.counters["accepted"]
+    assert n["chunks"] == 2 * len(PARITY) == 24 and n["ids"] >= n["chunks"]
+    assert n["verify"] >= len(PARITY) and n["accepted"] >= 1
+    assert n["multi_calls"] < n["plain_calls"], n
+
+
+def test_a_huge_tie_margin_falls_back_on_every_drafted_chunk(edge_lib, mt_bundle, runner):
+    """tie_margin 1e30: every chunk that used a verify call is re-decoded plainly (flagged fallback); the ids
+    are still the plain loop's and the calls Python's, with the acceptance gate (gate_rate 0.2) closing on the
+    rejected drafts."""
+    pairs = PARITY[:6] * 3
+    plain = _edge(edge_lib, mt_bundle)
+    runs = run_both(edge_lib, mt_bundle, runner, pairs, tie_margin=1e30, gate_rate=0.2)
+    fallbacks = 0
+    for (image, text), r in zip(pairs, runs, strict=True):
+        m = r["c"]
+        assert m.ids.tolist() == plain.step(image, text).ids.tolist() == r["py_ids"], text
+        assert m.counters == r["py"], text
+        assert m.counters["fallback"] == (m.counters["verify_calls"] > 0)
+        fallbacks += m.counters["fallback"]
+    assert len(runs) == 18 and fallbacks >= 6, fallbacks
+    # the rejected drafts closed some instruction's gate (Python's table; the C counters equal it per chunk)
+    assert any(r[2] > 0 for r in runner.drafts.rate.values())
+
+
+def test_cpu_host_settings_and_guard_off_equal_the_python_runtime(edge_lib, mt_bundle, runner):
+    """Adaptive K and the gate (Python's CPU_HOST settings) with max_draft 3, and with the guard off."""
+    cfg = {"gate_rate": CPU_HOST.gate_rate, "adaptive_draft": CPU_HOST.adaptive_draft, "max_draft": 3}
+    runs = run_both(edge_lib, mt_bundle, runner, PARITY[:6] * 2, **cfg)
+    runs += run_both(edge_lib, mt_bundle, runner, PARITY[:6] * 2, tie_margin=None, **cfg)
+    for r in runs:
+        assert r["c"].ids.tolist() == r["py_ids"] and r["c"].counters == r["py"]
+    assert sum(r["c"].counters["verify_calls"] for r in runs) >= 12 and len(runs) == 24
+
+
+def test_option_errors_name_the_field_and_old_callers_get_the_defaults(
+    edge_lib, mt_bundle, fused_trained_bundle
+):
+    for bad in (0, 33):
+        with pytest.raises(InputError, match=f"max_draft must be in \\[1, 32\\], got {bad}"):
+            _edge(edge_lib, mt_bundle, decoding="multi-token", max_draft=bad)
+    with pytest.raises(InputError, match="decoding must be one of"):
+        _edge(edge_lib, mt_bundle, decoding="speculative")
+    lib = load_library(edge_lib)
+    h = ctypes.c_void_p()
+    for field, value, text in (("decoding", 2, "decoding must be NORA_EDGE_DECODE_PLAIN"),
+                               ("tie_margin", math.nan, "tie_margin must be a finite number"),
+                               ("tie_margin", math.inf, "tie_margin must be a finite number"),
+                               ("gate_rate", 1.5, "gate_rate must be a number in [0, 1]"),
+                               ("gate_rate", math.nan, "gate_rate must be a number in [0, 1]"),
+                               ("adaptive_draft", 2, "adaptive_draft must be 0 or 1")):  # fmt: skip
+        opts = _Options()
+        lib.nora_policy_options_init(ctypes.byref(opts))
+        opts.onnxruntime_path = str(wheel_onnxruntime()).encode()
+        setattr(opts, field, value)
+        assert lib.nora_policy_create(str(mt_bundle).encode(), ctypes.byref(opts), ctypes.byref(h)) == 1
+        assert text in lib.nora_edge_last_error().decode() and not h.value
+    # multi-token on a bundle exported without logits_all: a BundleError naming the output and the flag,
+    # as the Python runtime's
+    with pytest.raises(BundleError, match=r"no output 'logits_all'.*--multi-token"):
+        _edge(edge_lib, fused_trained_bundle, decoding="multi-token")
+    with pytest.raises(BundleError, match="logits_all"):
+        MultiTokenRunner.load(fused_trained_bundle, threads=1)
+    # an ABI 0.3 caller: smaller options (garbage behind them) -> plain decoding; its chunk info accepted
+    opts = _Options()
+    lib.nora_policy_options_init(ctypes.byref(opts))
+    opts.struct_size, opts.onnxruntime_path, opts.threads = (
+        _Options.decoding.offset,
+        str(wheel_onnxruntime()).encode(),
+        1,
+    )
+    opts.decoding, opts.max_draft, opts.tie_margin, opts.gate_rate, opts.adaptive_draft = (
+        99,
+        -4,
+        math.nan,
+        7.0,
+        5,
+    )
+    assert lib.nora_policy_create(str(mt_bundle).encode(), ctypes.byref(opts), ctypes.byref(h)) == 0
+    edge = EdgePolicy(lib, h)
+    image, text = PARITY[0]
+    info = _ChunkInfo(struct_size=_ChunkInfo.decoder_calls.offset)
+    info.decoder_calls = -7
+    acts = np.empty((edge.time_horizon, edge.action_dim))
+    ids = np.zeros(edge.max_tokens, np.int64)
+    rc = lib.nora_policy_step(
+        h,
+        image.ctypes.data,
+        *image.shape[:2],
+        image.strides[0],
+        text.encode(),
+        None,
+        acts.ctypes.data,
+        acts.size,
+        ids.ctypes.data,
+        None,
+        ids.size,
+        ctypes.byref(info),
+    )
+    assert rc == 0 and info.num_tokens >= 1 and info.decoder_calls == -7  # the 0.4 fields left alone
+    assert ids[: info.num_tokens].tolist() == edge.step(image, text).ids.tolist()
+    info.struct_size = 12
+    assert (
+        lib.nora_policy_step(
+            h,
+            image.ctypes.data,
+            *image.shape[:2],
+            image.strides[0],
+            text.encode(),
+            None,
+            acts.ctypes.data,
+            acts.size,
+            None,
+            None,
+            0,
+            ctypes.byref(info),
+        )
+        == 1
+    )
+    assert "info.struct_size 12" in lib.nora_edge_last_error().decode()
+    edge.close()
+
+
+def test_run_bundle_multi_token_repeat(edge_lib, mt_bundle, tmp_path):
+    """examples/run_bundle --multi-token --repeat 2: the second chunk drafts from the first (same ids)."""
+    import json
+
+    from PIL import Image
+
+    r = subprocess.run(
+        ["make", "-C", str(KERNELS), f"BUILD={edge_lib.parent}", str(edge_lib.parent / "run_bundle")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    image, text = PARITY[1]
+    Image.fromarray(image).save(tmp_path / "f.ppm")
+    base = [
+        str(edge_lib.parent / "run_bundle"),
+        str(mt_bundle),
+        str(tmp_path / "f.ppm"),
+        "--instruction",
+        text,
+        "--threads",
+        "1",
+        "--flag",
+        "--ort",
+        str(wheel_onnxruntime()),
+    ]
+    outs = [
+        json.loads(
+            subprocess.run(base + extra, capture_output=True, text=True, timeout=300, check=True).stdout
+        )
+        for extra in ([], ["--multi-token", "--repeat", "2"])
+    ]
+    assert outs[0]["token_ids"] == outs[1]["token_ids"] and len(outs[0]["token_ids"]) >= 1
+    assert outs[0]["decoding"]["mode"] == "plain" and outs[1]["decoding"]["verify_calls"] >= 1
+    assert outs[1]["decoding"]["decoder_calls"] < outs[0]["decoding"]["decoder_calls"]
+
+
+@pytest.mark.slow
+def test_run_bundle_multi_token_is_clean_under_asan_and_ubsan(mt_bundle, tmp_path):
+    """The runtime under AddressSanitizer + UBSan (leak checks on) running multi-token chunks: verify calls
+    with every draft accepted, with max_draft 1, the fallback (tie_margin 1e30) and the CPU-host settings (gate,
+    adaptive K); ids equal the plain run's."""
+    import json
+
+    from PIL import Image
+
+    build = tmp_path / "b"
+    r = subprocess.run(
+        ["make", "-C", str(KERNELS), "run-bundle-asan", f"BUILD={build}", "-j2"],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    image, text = PARITY[2]
+    Image.fromarray(image).save(tmp_path / "f.ppm")
+    env = {
+        "ASAN_OPTIONS": "detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1",
+        "PATH": "/usr/bin",
+    }
+    base = [str(build / "runtime-asan" / "run_bundle"), str(mt_bundle), str(tmp_path / "f.ppm")]
+    base += ["--ort", str(wheel_onnxruntime()), "--instruction", text, "--flag", "--repeat", "3"]
+    runs = {
+        "plain": [],
+        "multi": ["--multi-token"],
+        "draft 1": ["--multi-token", "--max-draft", "1"],
+        "fallback": ["--multi-token", "--tie-margin", "1e30"],
+        "cpu host": ["--multi-token", "--gate-rate", "0.2", "--adaptive-draft", "--max-draft", "3"],
+    }
+    outs = {}
+    for name, extra in runs.items():
+        p = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, (name, p.stderr[-3000:])
+        assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, (name, p.stderr[-3000:])
+        outs[name] = json.loads(p.stdout)
+    ids = outs["plain"]["token_ids"]
+    assert all(o["token_ids"] == ids for o in outs.values()) and len(ids) >= 2
+    dec = {name: o["decoding"] for name, o in outs.items()}
+    assert (
+        dec["multi"]["verify_calls"] >= 1
+        and dec["draft 1"]["verify_calls"] >= 1
+        and dec["fallback"]["fallback"]
+    )
+    assert dec["plain"]["decoder_calls"] == len(ids) - 1 and len(outs) == 5
