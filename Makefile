@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: kernels bench-kernels bench-edge-preprocess bench-edge-policy bench-decoder-flavors setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak serve-load clean
+.PHONY: kernels bench-kernels bench-edge-preprocess bench-edge-policy bench-decoder-flavors bench-multitoken setup demo train-sim eval-sim test test-slow lint format bench-ci bench-ci-baseline export-real bench-real fixture-real soak serve-load clean
 
 # system packages: libosmesa6 renders MetaWorld offscreen on the CPU (the sim extra); apt runs only when missing
 APT_PACKAGES := libosmesa6
@@ -122,6 +122,11 @@ eval-sim: $(STAMP)
 
 # --- libnora_fast benchmark: C vs numpy vs the published FAST decode; share of a medium NORA decode step -----
 # the medium bundle is built once under $(OUT)/kernels-bench (~45 s); then ~30 s on 2 cores (callgrind included)
+# --- multi-token decoding on the MetaWorld policy's own closed loop (fp32 + int4 --multi-token bundles), ~20 min;
+# RECORD=bench/baselines/multitoken_acceptance.json re-records the acceptance every bench report's Orin section uses
+bench-multitoken: $(STAMP) kernels
+	$(PY) -m nora_edge.bench.multitoken_closed_loop --out $(OUT)/multitoken $(if $(RECORD),--record $(RECORD))
+
 bench-kernels: $(STAMP) kernels
 	command -v valgrind >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q valgrind)
 	$(PY) -m nora_edge.bench.kernels_bench --out $(OUT)/kernels-bench

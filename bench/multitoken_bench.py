@@ -3,8 +3,9 @@
 Data flow:
   model   tiny-trained (tiny preset, horizon 5, trained on the synthetic task) | medium (random, horizon 5) |
           metaworld (the committed policies/metaworld-nora-long)
-  --build_fixture / export_bundle (fp32, action head, default fp16 table) / add_verify_graph--> bundle + verify graph
-  (cached under --work)
+  --build_fixture / export_bundle (fp32, action head, default fp16 table, multi_token=True: the decoder also
+  outputs logits_all)--> bundle (cached under --work); or --bundle: any bundle exported with --multi-token (e.g. an
+  int4 one quantized from it)
   inputs  tiny-trained, medium: the parity set tests/synthetic_pairs.held_out_pairs(N, seed=11), in order;
           metaworld: chunk-start frames of expert episodes (sim.frames.policy_view_samples), consecutive per task,
           or with --inputs the frames the policy met in its own closed loop (sim.closed_loop_inputs), in call order
@@ -17,7 +18,8 @@ Data flow:
   sequential step logits: positions bitwise equal, max |difference|, and whether the selection changes.
   --> a Markdown table on stdout (+ --json).
 
-Run: ``python -m nora_edge.bench.multitoken_bench --models tiny-trained medium metaworld --n 40``.
+Run: ``python -m nora_edge.bench.multitoken_bench --models tiny-trained medium metaworld --n 40``;
+``--bundle B --inputs closed_loop.npz --n 600`` for a given bundle on recorded closed-loop frames.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from nora_edge.bench.report import table
 from nora_edge.bench.stats import summarize
-from nora_edge.generate import GreedySelector, decode_step, greedy
-from nora_edge.multitoken import DEFAULT_MAX_DRAFT, DEFAULT_TIE_MARGIN, MultiTokenRunner
+from nora_edge.drafts import DraftTable
+from nora_edge.multitoken import CPU_HOST, DEFAULT_MAX_DRAFT, DEFAULT_TIE_MARGIN, MultiTokenConfig
+from nora_edge.multitoken_runner import MultiTokenRunner, batched_vs_sequential
 
 MODELS = ("tiny-trained", "medium", "metaworld")
 REPO = Path(__file__).resolve().parents[1]
@@ -40,17 +44,16 @@ METAWORLD_POLICY = REPO / "policies" / "metaworld-nora-long"
 
 
 def prepare(model: str, work: Path) -> Path:
-    """The bundle with ``decoder_verify`` for ``model`` (built once under ``work``)."""
+    """The ``--multi-token`` bundle of ``model`` (built once under ``work``)."""
     import torch
 
-    from nora_edge.export.decoder_verify import add_verify_graph
     from nora_edge.export.fixtures import build_fixture
     from nora_edge.export.pipeline import export_bundle
     from nora_edge.export.train_fixture import FIXTURE_TRAIN_STEPS
 
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{model}-verify"
+    out = work / f"{model}-multi-token"
     if out.exists():
         return out
     if model == "metaworld":
@@ -61,10 +64,7 @@ def prepare(model: str, work: Path) -> Path:
             kw = {"train_steps": FIXTURE_TRAIN_STEPS[5]} if model == "tiny-trained" else {}
             preset = "tiny" if model == "tiny-trained" else "medium"
             build_fixture(ckpt, preset=preset, horizon=5, seed=0, progress=False, **kw)
-    plain = work / f"{model}-plain"
-    if not plain.exists():
-        export_bundle(ckpt, plain, validate=False, progress=False)
-    return add_verify_graph(plain, ckpt, out)
+    return export_bundle(ckpt, out, validate=False, progress=False, multi_token=True)
 
 
 def inputs(model: str, n: int, recorded: Path | None = None) -> list[tuple[np.ndarray, str]]:
@@ -87,119 +87,173 @@ def inputs(model: str, n: int, recorded: Path | None = None) -> list[tuple[np.nd
     return held_out_pairs(n, seed=11)
 
 
-def numerics(runner: MultiTokenRunner, image: np.ndarray, instruction: str) -> dict:
-    """Plain ids re-run as one verify call vs the sequential steps' logits (module docstring)."""
-    pol = runner.policy
-    prompt, logits0, cache0 = runner._prefill(image, instruction)
-    ids = greedy(pol.decoder, logits0, cache0, prompt.input_ids, prompt.rope_delta, pol._greedy).ids
-    feed, index = ids[:-1], int(prompt.input_ids.size)
-    if feed.size == 0:
-        return {"positions": 0, "bitwise": 0, "max_abs": 0.0, "changed": 0}
-    seq, cache = [], cache0
-    for j, t in enumerate(feed.tolist()):
-        lg, cache = decode_step(pol.decoder, t, index + j, prompt.rope_delta, cache)
-        seq.append(lg)
-    ver, _ = runner.verify.forward(feed, index, prompt.rope_delta, cache0)  # (N-1, rows)
-    seq = np.stack(seq)  # (N-1, rows)
-    sel = GreedySelector(pol.decoder, prompt.input_ids, pol._greedy)
-    sel.choose(logits0)
-    changed = 0
-    for j in range(feed.size):  # teacher-forced: the selection on batched logits vs the plain id
-        if sel.choose(ver[j]) != int(ids[j + 1]):
-            changed += 1
-            break
-    return {
-        "positions": int(feed.size),
-        "bitwise": int(sum(np.array_equal(a, b) for a, b in zip(seq, ver, strict=True))),
-        "max_abs": float(np.abs(seq - ver).max()),
-        "changed": changed,
-    }
+SETTINGS = {"default": MultiTokenConfig(), "cpu-host": CPU_HOST}  # fewest calls | fewer, shorter calls
 
 
 def bench_model(
-    model: str, work: Path, n: int, max_draft: int, tie_margin: float | None, recorded: Path | None = None
-) -> dict:
-    bundle = prepare(model, work)
+    model: str,
+    work: Path,
+    n: int,
+    configs: dict[str, MultiTokenConfig],
+    recorded: Path | None = None,
+    bundle: Path | None = None,
+) -> list[dict]:
+    """One model's (or ``bundle``'s) side-by-side records, one per multi-token setting (module docstring).
+
+    Each setting drafts from its own table, so no setting sees a chunk another one just decoded.
+    """
+    bundle = bundle if bundle is not None else prepare(model, work)
     runner = MultiTokenRunner.load(bundle, providers="cpu", threads=1, forced_tokens="flag")
     pairs = inputs(model, n, recorded)
     for image, text in pairs[:2]:  # warm-up (not recorded, drafts not learned)
         runner.plain(image, text)
         runner.multitoken(image, text, learn=False)
-    rec = {k: [] for k in ("tokens", "plain_calls", "mt_calls", "plain_ms", "mt_ms", "verify", "acc", "prop")}
-    same = fallbacks = 0
+    keys = ("mt_calls", "mt_ms", "verify", "acc", "prop", "per_call")
+    tables = {name: DraftTable() for name in configs}
+    rec = {name: {k: [] for k in keys} for name in configs}
+    plain = {k: [] for k in ("tokens", "plain_calls", "plain_ms")}
+    same = dict.fromkeys(configs, 0)
+    fallbacks = dict.fromkeys(configs, 0)
     num = {"positions": 0, "bitwise": 0, "max_abs": 0.0, "changed": 0}
     for i, (image, text) in enumerate(pairs):
-        if i % 2:
-            m, st, sm = runner.multitoken(image, text, max_draft=max_draft, tie_margin=tie_margin)
-            p, sp = runner.plain(image, text)
-        else:
-            p, sp = runner.plain(image, text)
-            m, st, sm = runner.multitoken(image, text, max_draft=max_draft, tie_margin=tie_margin)
-        same += bool(np.array_equal(p.ids, m.ids) and p.classes == m.classes)
-        fallbacks += st.fallback
-        rec["tokens"].append(p.ids.size)
-        rec["plain_calls"].append(len(p.step_seconds))
-        rec["mt_calls"].append(st.decoder_calls)
-        rec["plain_ms"].append(sp * 1e3)
-        rec["mt_ms"].append(sm * 1e3)
-        rec["verify"].append(st.verify_calls)
-        rec["acc"].append(st.accepted)
-        rec["prop"].append(st.proposed)
-        d = numerics(runner, image, text)
+        order = ["plain", *configs] if i % 2 == 0 else [*configs, "plain"]  # alternate who runs first
+        got = {}
+        for name in order:
+            if name == "plain":
+                got[name] = runner.plain(image, text)
+                continue
+            runner.drafts = tables[name]
+            c = configs[name]
+            got[name] = runner.multitoken(
+                image, text, max_draft=c.max_draft, tie_margin=c.tie_margin, gate_rate=c.gate_rate,
+                adaptive_draft=c.adaptive_draft,
+            )  # fmt: skip
+        p, sp = got["plain"]
+        plain["tokens"].append(p.ids.size)
+        plain["plain_calls"].append(len(p.step_seconds))
+        plain["plain_ms"].append(sp * 1e3)
+        for name in configs:
+            m, st, sm = got[name]
+            r = rec[name]
+            same[name] += bool(np.array_equal(p.ids, m.ids) and p.classes == m.classes)
+            fallbacks[name] += st.fallback
+            r["mt_calls"].append(st.decoder_calls)
+            r["mt_ms"].append(sm * 1e3)
+            r["verify"].append(st.verify_calls)
+            r["acc"].append(st.accepted)
+            r["prop"].append(st.proposed)
+            r["per_call"].append(list(st.per_call_accepted))
+        d = batched_vs_sequential(runner, image, text)
         num = {k: (max(num[k], d[k]) if k == "max_abs" else num[k] + d[k]) for k in num}
-    verify = sum(rec["verify"])
-    return {
-        "model": model,
-        "inputs": len(pairs),
-        "ids_identical": same,
-        "fallbacks": fallbacks,
-        "tokens_per_chunk": float(np.mean(rec["tokens"])),
-        "plain_calls_per_chunk": float(np.mean(rec["plain_calls"])),
-        "mt_calls_per_chunk": float(np.mean(rec["mt_calls"])),
-        "call_reduction": float(sum(rec["plain_calls"]) / max(1, sum(rec["mt_calls"]))),
-        "accepted_per_verify": float(sum(rec["acc"]) / max(1, verify)),
-        "acceptance_rate": float(sum(rec["acc"]) / max(1, sum(rec["prop"]))),
-        "plain_ms": summarize(rec["plain_ms"]),
-        "mt_ms": summarize(rec["mt_ms"]),
-        "numerics": num,
-    }
+    out = []
+    for name, c in configs.items():
+        r = rec[name]
+        out.append({
+            "model": model,
+            "setting": name,
+            "config": {"max_draft": c.max_draft, "tie_margin": c.tie_margin, "gate_rate": c.gate_rate,
+                       "adaptive_draft": c.adaptive_draft},
+            "inputs": len(pairs),
+            "ids_identical": same[name],
+            "fallbacks": fallbacks[name],
+            "tokens_per_chunk": float(np.mean(plain["tokens"])),
+            "plain_calls_per_chunk": float(np.mean(plain["plain_calls"])),
+            "mt_calls_per_chunk": float(np.mean(r["mt_calls"])),
+            "call_reduction": float(sum(plain["plain_calls"]) / max(1, sum(r["mt_calls"]))),
+            "accepted_per_verify": float(sum(r["acc"]) / max(1, sum(r["verify"]))),
+            "acceptance_rate": float(sum(r["acc"]) / max(1, sum(r["prop"]))),
+            "plain_ms": summarize(plain["plain_ms"]),
+            "mt_ms": summarize(r["mt_ms"]),
+            "numerics": num,
+            "tokens_histogram": histogram(plain["tokens"]),
+            "accepted_per_verify_histogram": histogram(a for call in r["per_call"] for a in call),
+        })  # fmt: skip
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--n", type=int, default=40, help="inputs per model")
-    ap.add_argument("--work", type=Path, default=Path("out/multitoken-bench"))
-    ap.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT)
-    ap.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN, help="negative: guard off")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument(
-        "--inputs", type=Path, default=None,
-        help="metaworld: closed-loop inputs recorded by python -m nora_edge.sim.closed_loop_inputs (first --n)",
-    )  # fmt: skip
-    a = ap.parse_args(argv)
-    margin = None if a.tie_margin < 0 else a.tie_margin
-    res = [
-        bench_model(m, a.work, a.n, a.max_draft, margin, a.inputs if m == "metaworld" else None)
-        for m in a.models
-    ]
-    head = ["model", "inputs", "ids identical", "fallbacks", "tokens/chunk", "calls/chunk plain",
+def histogram(values) -> dict[str, int]:
+    """value -> count, keys as strings in ascending order (JSON)."""
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[int(v)] = counts.get(int(v), 0) + 1
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+def table_markdown(res: list[dict]) -> str:
+    """The side-by-side table of :func:`bench_model` records (one row per model and setting)."""
+    head = ["model", "setting", "inputs", "ids identical", "fallbacks", "tokens/chunk", "calls/chunk plain",
             "calls/chunk multi", "call reduction", "accepted/verify", "ms/chunk plain p50", "p99",
             "ms/chunk multi p50", "p99", "batched==seq bitwise", "max |dlogit|", "choice changed"]  # fmt: skip
     rows = [
-        [r["model"], r["inputs"], r["ids_identical"], r["fallbacks"], r["tokens_per_chunk"],
+        [r["model"], r["setting"], r["inputs"], r["ids_identical"], r["fallbacks"], r["tokens_per_chunk"],
          r["plain_calls_per_chunk"], r["mt_calls_per_chunk"], r["call_reduction"], r["accepted_per_verify"],
          r["plain_ms"]["median"], r["plain_ms"]["p99"], r["mt_ms"]["median"], r["mt_ms"]["p99"],
          f"{r['numerics']['bitwise']}/{r['numerics']['positions']}", r["numerics"]["max_abs"],
          r["numerics"]["changed"]]
         for r in res
     ]  # fmt: skip
-    print(table(head, rows))
+    return table(head, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument(
+        "--bundle", type=Path, default=None,
+        help="bench this --multi-token bundle instead of --models (its name labels the row); with --inputs",
+    )  # fmt: skip
+    ap.add_argument("--n", type=int, default=40, help="inputs per model")
+    ap.add_argument("--work", type=Path, default=Path("out/multitoken-bench"))
+    ap.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT)
+    ap.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN, help="negative: guard off")
+    ap.add_argument(
+        "--settings", choices=[*SETTINGS, "both"], default="both",
+        help="default: no gate, fixed K (fewest calls); cpu-host: gate 0.2 + adaptive K (multitoken.CPU_HOST)",
+    )  # fmt: skip
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--record", type=Path, default=None,
+        help="with --bundle: write the acceptance record every bench report's Orin prediction reads "
+        "(bench/baselines/multitoken_acceptance.json is the committed one)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--inputs", type=Path, default=None,
+        help="metaworld: closed-loop inputs recorded by python -m nora_edge.sim.closed_loop_inputs (first --n)",
+    )  # fmt: skip
+    a = ap.parse_args(argv)
+    margin = None if a.tie_margin < 0 else a.tie_margin
+    names = list(SETTINGS) if a.settings == "both" else [a.settings]
+    configs = {n: replace(SETTINGS[n], max_draft=a.max_draft, tie_margin=margin) for n in names}
+    if a.bundle is not None:
+        if a.inputs is None:
+            ap.error("--bundle needs --inputs (recorded closed-loop frames)")
+        res = bench_model(a.bundle.name, a.work, a.n, configs, a.inputs, a.bundle)
+    else:
+        res = [
+            r
+            for m in a.models
+            for r in bench_model(m, a.work, a.n, configs, a.inputs if m == "metaworld" else None)
+        ]
+    print(table_markdown(res))
     print(
-        f"max_draft {a.max_draft}, tie_margin {margin}; decode loop only (prefill shared), 1 thread, CPU EP"
+        f"max_draft {a.max_draft}, tie_margin {margin}; decode loop only (prefill shared), 1 thread, CPU EP; "
+        "plain columns: one plain run per input, shared by the settings"
     )
     if a.json is not None:
         a.json.write_text(json.dumps(res, indent=1))
+    if a.record is not None:
+        import datetime
+
+        from nora_edge.bench.multitoken_acceptance import record_from
+
+        if a.bundle is None:
+            ap.error("--record needs --bundle and --inputs (a policy's own closed-loop calls)")
+        first = next(r for r in res if r["setting"] == names[0])
+        rec = record_from(first, a.inputs, a.bundle, a.max_draft, datetime.date.today().isoformat())
+        a.record.write_text(json.dumps(rec, indent=1) + "\n")
+        print(
+            f"acceptance record written: {a.record} (acceptance {rec['acceptance']:.3f}, block {rec['block']})"
+        )
     return 0
 
 

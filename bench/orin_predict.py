@@ -237,7 +237,7 @@ def orin_section(
     acceptances: tuple[float, ...] = DEFAULT_ACCEPTANCES,
     block: int = DEFAULT_BLOCK,
     measured_on: str | None = None,
-    measured_acceptance: tuple[float, str] | None = None,
+    measured_acceptance: dict | None = None,
 ) -> dict:
     """The ``orin_anchored`` report section.
 
@@ -247,8 +247,9 @@ def orin_section(
         acceptances: multi-token acceptances to tabulate beside plain decoding.
         block: tokens per verify call.
         measured_on: what the tokens were measured on (the bundle), for the report.
-        measured_acceptance: (acceptance, where it was measured), e.g. ``bench/multitoken_bench.py``'s plain /
-            multi-token calls per chunk on the policy: tabulated as "multi-token [measured acceptance]".
+        measured_acceptance: a ``multitoken_acceptance.load_record`` record (acceptance, block, source,
+            tokens_histogram), e.g. the committed MetaWorld measurement: tabulated as "multi-token [measured
+            acceptance]" at its own block.
 
     Returns:
         {"tokens_per_chunk", "block", "acceptances", "rows": [{profile, stat, mode, acceptance, block, ...}],
@@ -258,11 +259,11 @@ def orin_section(
         check_acceptance(a, block)
     extra = []
     if measured_acceptance is not None:
-        acc, where = measured_acceptance
-        check_acceptance(acc, block)
+        acc, blk, where = (measured_acceptance.get(k) for k in ("acceptance", "block", "source"))
+        check_acceptance(acc, blk)
         if not isinstance(where, str) or not where.strip():
             raise InputError(f"measured_acceptance needs a source string, got {where!r}")
-        extra = [("multi-token [measured acceptance]", acc, block)]
+        extra = [("multi-token [measured acceptance]", acc, blk)]
     held = anchored_fit()
     tokens = measured_tokens(tokens_per_chunk, horizon, measured_on)
     rows = []
@@ -299,7 +300,21 @@ def orin_section(
             for r in A.leave_one_out()
         ],
         "assumptions": assumptions(block, held)
-        + ([f"Measured acceptance {extra[0][1]:g}: {measured_acceptance[1]}"] if extra else []),
+        + (
+            [
+                f"Measured acceptance {extra[0][1]:.3f} at block {extra[0][2]}: {measured_acceptance['source']}. "
+                "Transferred to NORA-Long as measured: its chunks hold more tokens than this policy's, so the "
+                "acceptance on the real model is an assumption until measured there"
+            ]
+            if extra
+            else []
+        ),
+        "measured_acceptance": None
+        if measured_acceptance is None
+        else {
+            k: measured_acceptance.get(k)
+            for k in ("acceptance", "block", "source", "tokens_histogram", "accepted_per_verify_histogram")
+        },
     }
 
 
@@ -327,11 +342,21 @@ def orin_markdown(sec: dict) -> list[str]:
         f"{h['profile']}, actions/s by acceptance (tokens accepted per decoder call; plain = 1): {speeds} "
         f"(goal >= {h['target_actions_per_s']:g}; reached from acceptance "
         f"{_need(h['acceptance_for_target'])} at block {sec['block']}). Held-out anchor {h['held_out']}: prediction error "
-        f"{100 * h['held_out_error']:+.1f}%. Multi-token acceptances are assumptions until measured.",
+        f"{100 * h['held_out_error']:+.1f}%. Rows marked [assumed acceptance] are assumptions; "
+        "[measured acceptance] is the recorded measurement below.",
         "",
         f"Tokens per chunk: median {tok['median']:g}, p90 {tok['p90']:g} ({tok['source']}).",
         "",
     ]
+    m = sec.get("measured_acceptance")
+    if m:
+        hist = ", ".join(f"{k}: {v}" for k, v in (m.get("tokens_histogram") or {}).items())
+        acc = ", ".join(f"{k}: {v}" for k, v in (m.get("accepted_per_verify_histogram") or {}).items())
+        out += [
+            f"Measured multi-token acceptance {m['acceptance']:.3f} tokens per decoder call: {m['source']}.",
+            f"Tokens per chunk there (count of chunks): {hist}. Drafts accepted per verify call: {acc}.",
+            "",
+        ]
     rows = [
         [r["profile"], r["stat"], r["mode"], r["acceptance"], r["block"], r["vision_ms"], r["prefill_ms"],
          r["call_ms"], r["calls"], r["chunk_ms"], r["actions_per_s"]]

@@ -14,6 +14,7 @@ import numpy as np
 
 from nora_edge.bench.bundle_cost import bundle_stage_costs, predict_bundle
 from nora_edge.bench.launches import bundle_node_counts, launch_costs_json, launch_lines, stage_launches
+from nora_edge.bench.multitoken_acceptance import load_record
 from nora_edge.bench.orin_predict import orin_section
 from nora_edge.profiles import list_profiles, load_profile
 
@@ -64,8 +65,11 @@ def roofline_section(policy, instruction: str, summary: dict, host, new_tokens: 
         "launches": launches,
         "launch_costs": launch_costs_json(profiles),
         "orin_anchored": orin_section(
-            summary.get("tokens_per_chunk"), b.codec.time_horizon, measured_on=_bundle_name(b)
-        ),
+            summary.get("tokens_per_chunk"),
+            b.codec.time_horizon,
+            measured_on=_bundle_name(b),
+            measured_acceptance=load_record(),
+        ),  # fmt: skip
     }
 
 

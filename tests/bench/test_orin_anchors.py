@@ -190,17 +190,20 @@ def test_section_uses_the_measured_token_distribution_and_lists_assumptions():
     assert head["held_out_error"] == sec["held_out"]["error"] == A.hold_out()["error"]
     text = "\n".join(P.orin_markdown(sec))
     assert f"prediction error {100 * head['held_out_error']:+.1f}%" in text
-    assert text.count("| orin-") == len(rows) and "assumptions until measured" in text
+    assert text.count("| orin-") == len(rows) and "[assumed acceptance] are assumptions" in text
     assert any("is an INPUT, not a measurement" in a for a in sec["assumptions"])
-    meas = P.orin_section(
-        tokens, 5, acceptances=(), block=4, measured_acceptance=(1.8, "multitoken_bench run X")
-    )
+    rec = {"acceptance": 1.8, "block": 7, "source": "multitoken_bench run X", "tokens_histogram": {"3": 2}}
+    meas = P.orin_section(tokens, 5, acceptances=(), block=4, measured_acceptance=rec)
     row = [r for r in meas["rows"] if r["profile"] == "orin-agx-64gb" and r["stat"] == "median"][-1]
     assert row["mode"] == "multi-token [measured acceptance]" and row["acceptance"] == 1.8
+    assert row["block"] == 7  # the measurement's own verify block, not the assumed rows'
     assert meas["headline"]["actions_per_s"]["1.8 (measured)"] == row["actions_per_s"]
-    assert meas["assumptions"][-1] == "Measured acceptance 1.8: multitoken_bench run X"
+    assert meas["assumptions"][-1].startswith("Measured acceptance 1.800 at block 7: multitoken_bench run X")
+    assert "Tokens per chunk there (count of chunks): 3: 2" in "\n".join(P.orin_markdown(meas))
     with pytest.raises(InputError, match="measured_acceptance needs a source string"):
-        P.orin_section(tokens, 5, measured_acceptance=(1.8, ""))
+        P.orin_section(tokens, 5, measured_acceptance={**rec, "source": ""})
+    with pytest.raises(InputError, match="exceeds block"):
+        P.orin_section(tokens, 5, measured_acceptance={**rec, "acceptance": 8.0})
     other = P.orin_section({"median": 8.0, "p90": 9.0, "n": 3}, 1)  # a horizon-1 bundle's tokens do not count
     assert other["tokens_per_chunk"]["median"] == 21.0 and "horizon 1" in other["tokens_per_chunk"]["source"]
 
