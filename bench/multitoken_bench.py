@@ -4,7 +4,7 @@ Data flow:
   model   tiny-trained (tiny preset, horizon 5, trained on the synthetic task) | medium (random, horizon 5) |
           metaworld (the committed policies/metaworld-nora-long)
   --build_fixture / export_bundle (fp32, action head, default fp16 table, multi_token=True: the decoder also
-  outputs logits_all)--> bundle (cached under --work); or --bundle: any bundle exported with --multi-token (e.g. an
+  outputs logits_all; calibration frames of the same task, other seeds than the inputs: drafts.json)--> bundle (cached under --work); or --bundle: any bundle exported with --multi-token (e.g. an
   int4 one quantized from it)
   inputs  tiny-trained, medium: the parity set tests/synthetic_pairs.held_out_pairs(N, seed=11), in order;
           metaworld: chunk-start frames of expert episodes (sim.frames.policy_view_samples), consecutive per task,
@@ -41,6 +41,7 @@ from nora_edge.multitoken_runner import MultiTokenRunner, batched_vs_sequential
 MODELS = ("tiny-trained", "medium", "metaworld")
 REPO = Path(__file__).resolve().parents[1]
 METAWORLD_POLICY = REPO / "policies" / "metaworld-nora-long"
+DRAFT_FRAMES = 8  # MetaWorld expert frames per task that drafts.json is built from
 
 
 def prepare(model: str, work: Path) -> Path:
@@ -49,22 +50,32 @@ def prepare(model: str, work: Path) -> Path:
 
     from nora_edge.export.fixtures import build_fixture
     from nora_edge.export.pipeline import export_bundle
+    from nora_edge.export.quantize import CalibrationSample
     from nora_edge.export.train_fixture import FIXTURE_TRAIN_STEPS
 
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{model}-multi-token"
+    out = work / f"{model}-multi-token-drafts"
     if out.exists():
         return out
     if model == "metaworld":
+        from nora_edge.sim.frames import policy_view_samples
+        from nora_edge.sim.metaworld_env import TASKS
+
         ckpt = METAWORLD_POLICY
+        calib = policy_view_samples(list(TASKS), DRAFT_FRAMES, seed=1)  # expert frames; inputs: seed 0
     else:
+        sys.path.insert(0, str(REPO))
+        from tests.synthetic_pairs import held_out_pairs
+
+        calib = held_out_pairs(16, seed=5)  # the inputs are seed 11's
         ckpt = work / f"{model}-ckpt"
         if not ckpt.exists():
             kw = {"train_steps": FIXTURE_TRAIN_STEPS[5]} if model == "tiny-trained" else {}
             preset = "tiny" if model == "tiny-trained" else "medium"
             build_fixture(ckpt, preset=preset, horizon=5, seed=0, progress=False, **kw)
-    return export_bundle(ckpt, out, validate=False, progress=False, multi_token=True)
+    samples = [CalibrationSample(image, text) for image, text in calib]  # drafts.json is built from these
+    return export_bundle(ckpt, out, validate=False, progress=False, multi_token=True, calibration=samples)
 
 
 def inputs(model: str, n: int, recorded: Path | None = None) -> list[tuple[np.ndarray, str]]:
@@ -87,7 +98,24 @@ def inputs(model: str, n: int, recorded: Path | None = None) -> list[tuple[np.nd
     return held_out_pairs(n, seed=11)
 
 
-SETTINGS = {"default": MultiTokenConfig(), "cpu-host": CPU_HOST}  # fewest calls | fewer, shorter calls
+# fewest calls | fewer, shorter calls | the default without the bundle's drafts.json (what the file adds)
+SETTINGS = {
+    "default": MultiTokenConfig(),
+    "cpu-host": CPU_HOST,
+    "no-draft-file": MultiTokenConfig(bundle_drafts=False),
+}
+PAIRS = {"both": ("default", "cpu-host"), "all": tuple(SETTINGS)}
+
+
+def fresh_table(runner: MultiTokenRunner, config: MultiTokenConfig) -> DraftTable:
+    """A new draft table, seeded from the bundle's drafts.json when it ships one and the setting uses it."""
+    from nora_edge.drafts import read_drafts
+
+    table, b = DraftTable(), runner.policy.bundle
+    section = b.manifest.get("drafts")
+    if config.bundle_drafts and section:
+        table.seed(read_drafts(b.file(section["file"]), b.embeddings["shape"][0]))
+    return table
 
 
 def bench_model(
@@ -100,7 +128,9 @@ def bench_model(
 ) -> list[dict]:
     """One model's (or ``bundle``'s) side-by-side records, one per multi-token setting (module docstring).
 
-    Each setting drafts from its own table, so no setting sees a chunk another one just decoded.
+    Each setting drafts from its own table (seeded from the bundle's drafts.json unless the setting turns it
+    off), so no setting sees a chunk another one just decoded. ``first_*`` fields cover each instruction's first
+    chunk: the chunks a process's own history cannot draft for.
     """
     bundle = bundle if bundle is not None else prepare(model, work)
     runner = MultiTokenRunner.load(bundle, providers="cpu", threads=1, forced_tokens="flag")
@@ -109,7 +139,9 @@ def bench_model(
         runner.plain(image, text)
         runner.multitoken(image, text, learn=False)
     keys = ("mt_calls", "mt_ms", "verify", "acc", "prop", "per_call")
-    tables = {name: DraftTable() for name in configs}
+    tables = {name: fresh_table(runner, c) for name, c in configs.items()}
+    seen: set[str] = set()
+    first: list[bool] = []  # per input: the instruction's first chunk
     rec = {name: {k: [] for k in keys} for name in configs}
     plain = {k: [] for k in ("tokens", "plain_calls", "plain_ms")}
     same = dict.fromkeys(configs, 0)
@@ -128,6 +160,8 @@ def bench_model(
                 image, text, max_draft=c.max_draft, tie_margin=c.tie_margin, gate_rate=c.gate_rate,
                 adaptive_draft=c.adaptive_draft,
             )  # fmt: skip
+        first.append(text not in seen)
+        seen.add(text)
         p, sp = got["plain"]
         plain["tokens"].append(p.ids.size)
         plain["plain_calls"].append(len(p.step_seconds))
@@ -146,14 +180,19 @@ def bench_model(
         d = batched_vs_sequential(runner, image, text)
         num = {k: (max(num[k], d[k]) if k == "max_abs" else num[k] + d[k]) for k in num}
     out = []
+    firsts = [i for i, f in enumerate(first) if f]
     for name, c in configs.items():
         r = rec[name]
+        seeded = bool(c.bundle_drafts and runner.policy.bundle.manifest.get("drafts"))
         out.append({
             "model": model,
             "setting": name,
             "config": {"max_draft": c.max_draft, "tie_margin": c.tie_margin, "gate_rate": c.gate_rate,
-                       "adaptive_draft": c.adaptive_draft},
+                       "adaptive_draft": c.adaptive_draft, "bundle_drafts": seeded},
             "inputs": len(pairs),
+            "first_chunks": len(firsts),
+            "first_plain_calls_per_chunk": float(np.mean([plain["plain_calls"][i] for i in firsts])),
+            "first_mt_calls_per_chunk": float(np.mean([r["mt_calls"][i] for i in firsts])),
             "ids_identical": same[name],
             "fallbacks": fallbacks[name],
             "tokens_per_chunk": float(np.mean(plain["tokens"])),
@@ -183,13 +222,15 @@ def table_markdown(res: list[dict]) -> str:
     """The side-by-side table of :func:`bench_model` records (one row per model and setting)."""
     head = ["model", "setting", "inputs", "ids identical", "fallbacks", "tokens/chunk", "calls/chunk plain",
             "calls/chunk multi", "call reduction", "accepted/verify", "ms/chunk plain p50", "p99",
-            "ms/chunk multi p50", "p99", "batched==seq bitwise", "max |dlogit|", "choice changed"]  # fmt: skip
+            "ms/chunk multi p50", "p99", "batched==seq bitwise", "max |dlogit|", "choice changed",
+            "first chunks", "calls/first chunk plain", "multi"]  # fmt: skip
     rows = [
         [r["model"], r["setting"], r["inputs"], r["ids_identical"], r["fallbacks"], r["tokens_per_chunk"],
          r["plain_calls_per_chunk"], r["mt_calls_per_chunk"], r["call_reduction"], r["accepted_per_verify"],
          r["plain_ms"]["median"], r["plain_ms"]["p99"], r["mt_ms"]["median"], r["mt_ms"]["p99"],
          f"{r['numerics']['bitwise']}/{r['numerics']['positions']}", r["numerics"]["max_abs"],
-         r["numerics"]["changed"]]
+         r["numerics"]["changed"], r["first_chunks"], r["first_plain_calls_per_chunk"],
+         r["first_mt_calls_per_chunk"]]
         for r in res
     ]  # fmt: skip
     return table(head, rows)
@@ -207,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT)
     ap.add_argument("--tie-margin", type=float, default=DEFAULT_TIE_MARGIN, help="negative: guard off")
     ap.add_argument(
-        "--settings", choices=[*SETTINGS, "both"], default="both",
-        help="default: no gate, fixed K (fewest calls); cpu-host: gate 0.2 + adaptive K (multitoken.CPU_HOST)",
+        "--settings", choices=[*SETTINGS, *PAIRS], default="both",
+        help="default: no gate, fixed K (fewest calls); cpu-host: gate 0.2 + adaptive K (multitoken.CPU_HOST); "
+        "no-draft-file: default without the bundle's drafts.json; both: default + cpu-host; all",
     )  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
@@ -222,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     a = ap.parse_args(argv)
     margin = None if a.tie_margin < 0 else a.tie_margin
-    names = list(SETTINGS) if a.settings == "both" else [a.settings]
+    names = list(PAIRS.get(a.settings, (a.settings,)))
     configs = {n: replace(SETTINGS[n], max_draft=a.max_draft, tie_margin=margin) for n in names}
     if a.bundle is not None:
         if a.inputs is None:

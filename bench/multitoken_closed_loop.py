@@ -1,9 +1,9 @@
 """``make bench-multitoken``: the multi-token acceptance measurement on the MetaWorld policy, end to end.
 
-Data flow: the committed MetaWorld policy (policies/metaworld-nora-long) --export_bundle(multi_token=True), its
-calibration and held-out MetaWorld frames (sim.table.sample_sets)--> fp32 bundle --quantize_bundle--> one bundle
-per recipe (default int4) --sim.closed_loop_inputs (each bundle's OWN closed loop: the frames it met, in call
-order)--> inputs per bundle --bench/multitoken_bench.py (plain vs multi-token side by side, both settings)-->
+Data flow: the committed MetaWorld policy (policies/metaworld-nora-long) --export_bundle(multi_token=True,
+calibration: 8 expert frames per task, from which its drafts.json is built)--> fp32 bundle --quantize_bundle
+(calibration and held-out expert frames, sim.table.sample_sets)--> one bundle per recipe (default int4)
+--sim.closed_loop_inputs (each bundle's OWN closed loop: the frames it met, in call order)--> inputs per bundle --bench/multitoken_bench.py (plain vs multi-token side by side, every setting)-->
 ``<out>/report.md`` + JSON; ``--record FILE`` writes the first recipe's acceptance record (the committed one is
 ``bench/baselines/multitoken_acceptance.json``).
 
@@ -18,7 +18,7 @@ import datetime
 import json
 from pathlib import Path
 
-from nora_edge.bench.multitoken_bench import SETTINGS, bench_model, table_markdown
+from nora_edge.bench.multitoken_bench import DRAFT_FRAMES, SETTINGS, bench_model, table_markdown
 from nora_edge.errors import NoraEdgeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,16 +28,21 @@ POLICY = REPO / "policies" / "metaworld-nora-long"
 def build(out: Path, recipes: list[str]) -> dict[str, Path]:
     """fp32 --multi-token bundle + one quantized bundle per recipe (each gated by its fidelity thresholds)."""
     from nora_edge.export.pipeline import export_bundle
+    from nora_edge.export.quantize import CalibrationSample
+    from nora_edge.sim.frames import policy_view_samples
     from nora_edge.sim.metaworld_env import TASKS
     from nora_edge.sim.table import build_one, export_args, sample_sets
 
     gripper, mask = export_args(POLICY)
     fp32 = out / "bundles" / "fp32"
+    calib, held = sample_sets(list(TASKS), 2)  # the quantizer's
     if not (fp32 / "manifest.json").is_file():
+        # drafts.json: the policy's own chunks on expert frames (a seed of their own)
+        frames = policy_view_samples(list(TASKS), DRAFT_FRAMES, seed=2)
         export_bundle(POLICY, fp32, validation_instructions=list(TASKS.values()), gripper=gripper, mask=mask,
-                      overwrite=True, multi_token=True, progress=True)  # fmt: skip
+                      overwrite=True, multi_token=True, progress=True,
+                      calibration=[CalibrationSample(f, t) for f, t in frames])  # fmt: skip
     bundles = {"fp32": fp32}
-    calib, held = sample_sets(list(TASKS), 2)
     for r in recipes:
         got = build_one(fp32, out / "bundles" / r, r, calib, held, accept_degraded=False)
         if got["path"] is None:
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 if record_inputs([str(path), "--out", str(inputs), "--calls", str(a.calls)]):
                     raise SystemExit(f"closed-loop recording of {path} failed")
             print(f"[multitoken] plain vs multi-token: {name}")
-            res = bench_model(name, a.out, 10**6, dict(SETTINGS), inputs, path)
+            res = bench_model(name, a.out, 10**6, dict(SETTINGS), inputs, path)  # all three settings
             results += res
             if a.record is not None and name == (a.recipes[0] if a.recipes else "fp32"):
                 rec = record_from(res[0], inputs, path, SETTINGS["default"].max_draft,

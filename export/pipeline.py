@@ -168,7 +168,10 @@ def export_bundle(
             pass your task's instructions so the reference's chunks are well formed and their ids compared).
         report: also write ``fidelity_report.json`` (the validation results) into an fp32 bundle
             (quantized bundles always carry their fidelity report).
-        calibration: folder of images + instructions.jsonl for calibrated recipes (default: synthetic frames).
+        calibration: folder of images + instructions.jsonl (or a sequence of CalibrationSample): the frames
+            calibrated recipes record (default: synthetic frames) and, with ``multi_token``, the frames the
+            bundle's ``drafts.json`` is built from (the model's own chunks on them: draft_file.py; without
+            calibration there is no draft file and proposals come only from chunks the runtime has run).
         accept_degraded: quantized recipes only: write the bundle even when it misses the recipe's fidelity
             thresholds vs the fp32 bundle (``quantize_bundle``; recorded in its manifest).
         overwrite: replace an existing bundle at ``out``.
@@ -201,6 +204,10 @@ def export_bundle(
     """
     args = dict(locals())  # every parameter, for the call on the overlaid checkpoint below
     check_options(precision, image_size, head, embeddings_dtype, validation_prompts)
+    from nora_edge.export.draft_file import calibration_samples, write_draft_file
+
+    # read only where used (recipes, the draft file); InputError on a bad folder before any stage runs
+    samples = calibration_samples(calibration) if multi_token or precision != "fp32" else None
     if target not in TARGETS:
         raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
     if decoder_graph not in DECODER_GRAPHS:
@@ -232,10 +239,11 @@ def export_bundle(
             checkpoint,
             out,
             precision,
-            calibration=calibration,
+            calibration=samples,
             accept_degraded=accept_degraded,
             overwrite=overwrite,
             fp32_options=dict(
+                calibration=samples if multi_token else None,
                 fast_dir=fast_dir,
                 time_horizon=time_horizon,
                 image_size=image_size,
@@ -294,6 +302,8 @@ def export_bundle(
         sections["postprocess"] = chain  # after validation, which compares NORA's q01/q99 actions
         # the C library's tables (kernels/): byte table, automaton, head rows, the chain compiled per unnorm key
         sections["codec"]["files"]["native"] = write_native_codec(staging, sections)
+        if multi_token and samples:  # the model's own chunks on the calibration frames: first proposals
+            sections[bundle.DRAFTS_SECTION] = write_draft_file(writer, sections, samples)
         if report:
             writer.write_json(FIDELITY_REPORT, {"precision": precision, "validation": sections["validation"]})
         sections["export"] = {
@@ -454,7 +464,7 @@ def export_quantized(
     out: str | Path,
     precision: str,
     *,
-    calibration: str | Path | None,
+    calibration,
     accept_degraded: bool,
     overwrite: bool,
     fp32_options: dict,
@@ -469,9 +479,10 @@ def export_quantized(
     import shutil
     import tempfile
 
-    from nora_edge.export.quantize import load_calibration_dir, quantize_bundle
+    from nora_edge.export.draft_file import calibration_samples
+    from nora_edge.export.quantize import quantize_bundle
 
-    samples = load_calibration_dir(calibration) if calibration is not None else None
+    samples = calibration_samples(calibration)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))

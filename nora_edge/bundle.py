@@ -17,6 +17,8 @@ Layout (names are the constants below)::
     embeddings.npy         (vocab, hidden) token embedding table (fp16 by default)
     tokenizer.json         the checkpoint's Qwen tokenizer (instruction -> ids)
     codec/                 FAST processor_config.json, tokenizer.json, byte_table.npz
+    drafts.json            (--multi-token with calibration data) the model's own generated ids on calibration
+                           frames, per instruction: the multi-token loop's first proposals (nora_edge.drafts)
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ SCHEMA_VERSION = 1
 VISION_ONNX = "vision.onnx"
 DECODER_ONNX = "decoder.onnx"
 EMBEDDINGS = "embeddings.npy"
+DRAFTS = "drafts.json"
+DRAFTS_SECTION = "drafts"  # manifest: {"file": DRAFTS, "chunks", "instructions", "source", "seconds"}
 TOKENIZER = "tokenizer.json"
 CODEC_DIR = "codec"
 CODEC_PROCESSOR_CONFIG = "codec/processor_config.json"
@@ -283,6 +287,7 @@ class Bundle:
             "postprocess": self.postprocess.to_json(),
             "generation": m["generation"],
             "validation": m["validation"],
+            **({DRAFTS_SECTION: m[DRAFTS_SECTION]} if m.get(DRAFTS_SECTION) else {}),
         }
 
 
@@ -340,6 +345,12 @@ def format_info(info: dict) -> str:
         lines += [f"{'postprocess' if i == 0 else '':<15}{i + 1}. {t}" for i, t in enumerate(steps)]
     if info["components"]["decoder"].get("logits_all"):
         lines.append(f"multi-token    {multi_token_line(info['validation'].get('multi_token'))}")
+        if info.get(DRAFTS_SECTION):
+            d = info[DRAFTS_SECTION]
+            lines.append(
+                f"{'':<15}drafts: {d.get('file')}, {d.get('chunks')} chunks over {d.get('instructions')} "
+                f"instruction(s) ({d.get('source')})"
+            )
     if info["validation"].get("kind") == QUANTIZED_VALIDATION:
         return "\n".join(lines + format_quantized_validation(info["validation"]))
     for stage, res in info["validation"].items():

@@ -72,7 +72,11 @@ def export_cmd(
         bool, typer.Option(help="fp32: also write fidelity_report.json (quantized: always)")
     ] = False,
     calibration: Annotated[
-        Path | None, typer.Option(help="folder of images + instructions.jsonl for calibrated recipes")
+        Path | None,
+        typer.Option(
+            help="folder of images + instructions.jsonl: the frames calibrated recipes record and, with "
+            "--multi-token, the frames drafts.json is built from (the model's own chunks: first proposals)"
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
     accept_degraded: Annotated[
@@ -138,8 +142,9 @@ def export_cmd(
         bool,
         typer.Option(
             "--multi-token",
-            help="portable decoder with logits at every new position (logits_all) for lossless multi-token "
-            "decoding (`nora-edge run --decoding multi-token`); validated vs HF and vs the plain loop's ids",
+            help="decoder with logits at every new position (logits_all) for lossless multi-token "
+            "decoding (`nora-edge run --decoding multi-token`); validated vs HF and vs the plain loop's ids; "
+            "with --calibration also drafts.json",
         ),
     ] = False,
 ) -> None:

@@ -1,17 +1,24 @@
 """Where multi-token proposals come from: an n-gram index of FAST token sequences (lookup only).
 
-Data flow: finished chunks' generated ids (and, when the bundle ships one, its ``drafts`` file of FAST sequences
-built at export from calibration chunks) --:meth:`DraftTable.observe`--> n-gram -> continuation index, per
-instruction and process-wide --:meth:`DraftTable.propose` (longest suffix of the tokens so far)--> up to K ids
+Data flow: the bundle's ``drafts.json`` when it ships one (the model's own generated ids on calibration frames,
+written by ``export --multi-token --calibration``; :func:`read_drafts`) --:meth:`DraftTable.seed`--> and then
+every finished chunk's generated ids --:meth:`DraftTable.observe`--> n-gram -> continuation index, per
+instruction and process-wide (a later chunk's n-grams replace the calibration ones) --:meth:`DraftTable.propose` (longest suffix of the tokens so far)--> up to K ids
 --:func:`admissible`: cut where the FAST automaton would refuse them--> drafts for one verify call
 (:mod:`nora_edge.multitoken`). Nothing here decides a token: a wrong draft costs speed, never an action.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from nora_edge.errors import BundleError
 from nora_edge.selection import GreedySelector
+
+DRAFTS_FORMAT = "nora-edge-drafts/1"
 
 
 class DraftTable:
@@ -65,6 +72,13 @@ class DraftTable:
                 for j in range(len(seq) - n - 1, -1, -1):  # earliest occurrence written last: it wins
                     table[tuple(seq[j : j + n])] = seq[j + n : j + n + self.MAX_CONTINUATION]
 
+    def seed(self, chunks: list[tuple[str, np.ndarray]]) -> int:
+        """Observe calibration chunks ((instruction, Qwen ids (N,)) as :func:`read_drafts` returns them) in order;
+        returns how many. Chunks recorded later (the process's own) replace their n-grams."""
+        for key, ids in chunks:
+            self.observe(key, ids)
+        return len(chunks)
+
     def propose(self, key: str, out: list[int], k: int) -> list[int]:
         """Up to ``k`` ids expected after ``out`` (the tokens generated so far, pending one included)."""
         own = self.by_key.get(key, {})
@@ -75,6 +89,45 @@ class DraftTable:
                 if cont:
                     return cont[:k]
         return []
+
+
+def read_drafts(path: str | Path, vocab_size: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """A bundle's ``drafts.json``: ``{"format": DRAFTS_FORMAT, "chunks": [{"instruction", "ids"}, ...]}``.
+
+    Args:
+        path: the file.
+        vocab_size: when given, every id must lie in [0, vocab_size).
+
+    Returns:
+        [(instruction, ids (N,) int64)], in file order.
+
+    Raises:
+        BundleError: unreadable JSON, another format, or a chunk without a string instruction and a list of
+            int ids in range (the chunk's index named).
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable draft file ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != DRAFTS_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise BundleError(f"{path}: format must be {DRAFTS_FORMAT!r}, got {got!r}")
+    chunks = doc.get("chunks")
+    if not isinstance(chunks, list):
+        raise BundleError(f"{path}: 'chunks' must be a list")
+    out = []
+    for i, c in enumerate(chunks):
+        ids = c.get("ids") if isinstance(c, dict) else None
+        text = c.get("instruction") if isinstance(c, dict) else None
+        ok = isinstance(ids, list) and all(type(x) is int and x >= 0 for x in ids)
+        if not isinstance(text, str) or not ok:
+            raise BundleError(f"{path}: chunks[{i}] needs a string 'instruction' and a list of int ids >= 0")
+        arr = np.asarray(ids, dtype=np.int64)
+        if vocab_size is not None and arr.size and int(arr.max()) >= vocab_size:
+            raise BundleError(f"{path}: chunks[{i}] holds id {int(arr.max())} >= vocab size {vocab_size}")
+        out.append((text, arr))
+    return out
 
 
 def admissible(sel: GreedySelector, drafts: list[int], base: int) -> list[int]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nora_edge import bundle as B
-from nora_edge.drafts import DraftTable, admissible
+from nora_edge.drafts import DraftTable, admissible, read_drafts
 from nora_edge.errors import BundleError, InputError
 from nora_edge.generate import (
     Decoder,
@@ -242,6 +242,10 @@ class MultiTokenConfig:
         gate_rate: stop drafting for an instruction whose recent drafts were accepted at a lower rate
             (:meth:`~nora_edge.drafts.DraftTable.enabled`; every few chunks still probe); 0 = never.
         adaptive_draft: shorten the next call after a partly rejected one (:func:`multitoken_greedy`).
+        bundle_drafts: seed the draft table from the bundle's ``drafts.json`` when it ships one (the model's own
+            ids on calibration frames: the first chunk of a process already has proposals). With
+            ``learn=False`` the table then holds exactly the bundle's chunks, so a chunk's call count does not
+            depend on what ran before it.
 
     The defaults (no gate, fixed K) minimise decoder calls: the cost that matters where decode streams the weights
     once per call (Jetson, GPU). On a compute-bound CPU host a call of K + 1 tokens costs more than one step, and
@@ -253,6 +257,7 @@ class MultiTokenConfig:
     learn: bool = True
     gate_rate: float = 0.0
     adaptive_draft: bool = False
+    bundle_drafts: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.max_draft, bool) or not isinstance(self.max_draft, int) or self.max_draft < 1:
@@ -324,6 +329,22 @@ class MultiTokenDecoding:
         self.drafts = drafts if drafts is not None else DraftTable()
         self.last_stats: MultiTokenStats | None = None  # the last chunk's counters
         self.guaranteed: bool | None = None  # from the bundle's validation (NoraPolicy.load sets it)
+        self.seeded = 0  # chunks taken from the bundle's drafts.json (seed_from)
+
+    def seed_from(self, bundle: B.Bundle, vocab_size: int) -> int:
+        """Seed the draft table from the bundle's ``drafts.json`` (when it ships one and ``bundle_drafts`` is on);
+        returns the chunks seeded.
+
+        Raises:
+            BundleError: the manifest's ``drafts`` section names a file that is not a valid draft file.
+        """
+        section = bundle.manifest.get(B.DRAFTS_SECTION)
+        if not self.config.bundle_drafts or not section:
+            return 0
+        if not isinstance(section, dict) or section.get("file") != B.DRAFTS:
+            raise BundleError(f"{bundle.path}/manifest.json: 'drafts' section must name file {B.DRAFTS!r}")
+        self.seeded += self.drafts.seed(read_drafts(bundle.file(B.DRAFTS), vocab_size))
+        return self.seeded
 
     def generate(
         self,

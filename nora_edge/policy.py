@@ -283,6 +283,7 @@ class NoraPolicy:
 
             multi = MultiTokenDecoding(decoder, multi_token)
             multi.guaranteed = guarantee_of(b, multi.config)
+            multi.seed_from(b, table.shape[0])
         return cls(
             b, sessions["vision"], decoder, prompt, byte_table, automaton, image_spec, constrained, rule, fast,
             multi,

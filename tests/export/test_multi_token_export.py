@@ -7,16 +7,30 @@ loop of the same bundle (ids), and the sequential decode steps (for the batched-
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
 import pytest
 
-from nora_edge.bundle import LOGITS_ALL, Bundle, format_info
+from nora_edge.bundle import DRAFTS, DRAFTS_SECTION, LOGITS_ALL, Bundle, format_info
+from nora_edge.drafts import DRAFTS_FORMAT, read_drafts
+from nora_edge.errors import BundleError, NoraEdgeError
 from nora_edge.multitoken import MultiTokenConfig, MultiTokenWarning
 from nora_edge.policy import NoraPolicy
 
 PAIRS = 3
+CALIB = 6  # calibration frames the bundle's drafts.json is built from
+
+
+def frames(seed: int, n: int) -> list:
+    """(frame, instruction) samples of the trained fixture's task; seeds differ from the validation's pairs."""
+    from nora_edge.export.quantize import CalibrationSample
+    from nora_edge.export.quantize.calibration import synthetic_frame
+    from nora_edge.export.synthetic_task import instruction_list
+
+    rng, texts = np.random.default_rng(seed), instruction_list()
+    return [CalibrationSample(synthetic_frame(rng), texts[i % len(texts)]) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +41,7 @@ def mt_bundle(tiny_trained_ckpt_h5, tmp_path_factory):
     out = tmp_path_factory.mktemp("mt_export") / "fp32"
     return export_bundle(
         tiny_trained_ckpt_h5, out, multi_token=True, progress=False, validation_prompts=PAIRS,
-        validation_instructions=instruction_list(),
+        validation_instructions=instruction_list(), calibration=frames(7, CALIB),
     )  # fmt: skip
 
 
@@ -57,6 +71,9 @@ def test_quantized_bundle_records_its_own_multi_token_check(mt_bundle, recipe, t
     mt = q.manifest["validation"]["multi_token"]
     assert mt["passed"] and mt["compared"] == 8 == mt["ids_equal"]  # 4 held-out samples, twice
     assert q.components["decoder"].meta["logits_all"] and q.components["decoder"].precision != "fp32"
+    src = Bundle.load(mt_bundle)  # the draft file travels with the quantized copy, byte for byte
+    assert q.manifest[DRAFTS_SECTION] == src.manifest[DRAFTS_SECTION]
+    assert q.manifest["files"][DRAFTS]["sha256"] == src.manifest["files"][DRAFTS]["sha256"]
     worst = mt["batched_vs_sequential"]["max_abs"]
     assert mt["batched_vs_sequential"]["positions"] > 0 and worst == worst  # measured, finite
     assert mt["guaranteed"] == (worst < mt["tie_margin"] / 2)
@@ -87,3 +104,89 @@ def test_policy_warns_when_the_bundle_does_not_guarantee(mt_bundle) -> None:
     with NoraPolicy.load(b, providers="cpu", decoding="multi-token") as p:
         assert p.multi_token.guaranteed is None
     assert np.isfinite(entry["tie_margin"])
+
+
+def plain_ids(b, samples) -> list[np.ndarray]:
+    """The plain loop's generated ids on each sample (the reference every draft-file check compares with)."""
+    out = []
+    with NoraPolicy.load(b, providers="cpu", forced_tokens="flag") as p:
+        for s in samples:
+            try:
+                p.run_chunk(s.image, s.instruction)
+            except NoraEdgeError:  # a malformed chunk still generated ids
+                pass
+            out.append(p.last_ids.copy())
+    return out
+
+
+def test_draft_file_holds_the_models_own_chunks(mt_bundle) -> None:
+    b = Bundle.load(mt_bundle)
+    section = b.manifest[DRAFTS_SECTION]
+    texts = {s.instruction for s in frames(7, CALIB)}
+    assert section["file"] == DRAFTS and section["chunks"] == CALIB and section["instructions"] == len(texts)
+    chunks = read_drafts(b.file(DRAFTS), vocab_size=b.embeddings["shape"][0])
+    want = plain_ids(b, frames(7, CALIB))
+    compared = 0
+    for (text, ids), sample, ref in zip(chunks, frames(7, CALIB), want, strict=True):
+        assert text == sample.instruction and np.array_equal(ids, ref) and ids.size > 0
+        compared += 1
+    assert compared == CALIB and section["tokens"] == sum(r.size for r in want)
+    assert "drafts: drafts.json, 6 chunks" in format_info(b.info())
+
+
+def test_seeded_table_drafts_from_the_first_chunk(mt_bundle) -> None:
+    """A fresh process: with the bundle's drafts the first chunk already verifies proposals; ids stay plain's."""
+    b = Bundle.load(mt_bundle)
+    held = frames(11, 4)  # frames the draft file was not built from
+    samples = frames(7, 2) + held
+    want = plain_ids(b, samples)
+    seen = {}
+    for seeded in (True, False):
+        # no learning: each chunk sees only the file
+        cfg = MultiTokenConfig(learn=False, bundle_drafts=seeded)
+        with NoraPolicy.load(
+            b, providers="cpu", forced_tokens="flag", decoding="multi-token", multi_token=cfg
+        ) as p:
+            assert p.multi_token.seeded == (CALIB if seeded else 0)
+            calls, proposed = [], 0
+            for s, ref in zip(samples, want, strict=True):
+                try:
+                    p.run_chunk(s.image, s.instruction)
+                except NoraEdgeError:
+                    pass
+                assert np.array_equal(p.last_ids, ref)
+                st = p.multi_token.last_stats
+                calls.append(st.decoder_calls)
+                proposed += st.proposed
+        seen[seeded] = (calls, proposed)
+    plain_calls = [max(r.size - 1, 0) for r in want]
+    assert seen[False] == (plain_calls, 0)  # an empty table proposes nothing: one call per token
+    calls, proposed = seen[True]
+    # the first two are frames the file was built from
+    assert proposed > 0 and calls[0] < plain_calls[0] and calls[1] < plain_calls[1]
+    assert sum(calls) < sum(plain_calls)
+
+
+def test_read_drafts_names_the_problem(tmp_path) -> None:
+    path = tmp_path / DRAFTS
+    cases = [
+        ("not json", "unreadable"),
+        (json.dumps({"format": "other", "chunks": []}), "format must be"),
+        (json.dumps({"format": DRAFTS_FORMAT, "chunks": {}}), "'chunks' must be a list"),
+        (
+            json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [1, -2]}]}),
+            r"chunks\[0\]",
+        ),
+        (json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"ids": [1]}]}), r"chunks\[0\]"),
+        (
+            json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [1, 99]}]}),
+            ">= vocab size",
+        ),
+    ]
+    for text, match in cases:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(BundleError, match=match):
+            read_drafts(path, vocab_size=50)
+    path.write_text(json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [3, 4]}]}))
+    ((text, ids),) = read_drafts(path, vocab_size=50)
+    assert text == "a" and ids.tolist() == [3, 4] and len(cases) == 6
