@@ -5,8 +5,8 @@ Data flow: ``EdgePolicy.load(bundle, onnxruntime=...)`` --nora_policy_create (bu
 through the given libonnxruntime, prompt prefix prefilled)--> ``step(frame, instruction, unnorm_key)``
 --nora_policy_step--> :class:`EdgeChunk` (actions (T, D) float64, generated ids, token classes, timings);
 ``select_action`` / ``reset`` mirror :class:`nora_edge.policy.NoraPolicy`'s queue; ``decoding="multi-token"``
-runs the library's lossless multi-token loop (nora_edge/multitoken.py's algorithm; counters in
-:attr:`EdgeChunk.counters`). A non-OK status raises the
+runs the library's lossless multi-token loop (nora_edge/multitoken.py's algorithm, its draft table seeded from the
+bundle's ``drafts.json`` unless ``bundle_drafts=False``; counters in :attr:`EdgeChunk.counters`). A non-OK status raises the
 Python runtime's exception for it (InputError, BundleError, DetokenizationError, ForcedTokenError) with the
 library's message.
 
@@ -57,6 +57,9 @@ class _Options(ctypes.Structure):
         ("tie_margin", ctypes.c_double),
         ("gate_rate", ctypes.c_double),
         ("adaptive_draft", ctypes.c_int32),
+        # ABI 0.5 (reserved0: the 0.4 struct's tail padding, ignored)
+        ("reserved0", ctypes.c_int32),
+        ("bundle_drafts", ctypes.c_int32),
     ]
 
 
@@ -205,13 +208,15 @@ class EdgePolicy:
         tie_margin: float | None = 1e-3,
         gate_rate: float = 0.0,
         adaptive_draft: bool = False,
+        bundle_drafts: bool = True,
     ) -> EdgePolicy:
         """nora_policy_create; ``forced_tokens`` "raise" / "flag" as :class:`nora_edge.policy.NoraPolicy`;
         ``provider`` "cpu" / "cuda" / "tensorrt" (an onnxruntime without it: EdgeRuntimeError, status
         "unsupported", naming the providers it has); ``decoding`` "plain" / "multi-token" with ``max_draft``
-        (1 .. 32), ``tie_margin`` (None: guard off), ``gate_rate`` ([0, 1], 0: no gate) and ``adaptive_draft``
-        as :class:`nora_edge.multitoken.MultiTokenConfig` (ranges checked by the library; a bundle without
-        ``logits_all``: BundleError)."""
+        (1 .. 32), ``tie_margin`` (None: guard off), ``gate_rate`` ([0, 1], 0: no gate), ``adaptive_draft`` and
+        ``bundle_drafts`` (seed the draft table from the bundle's ``drafts.json`` when it ships one) as
+        :class:`nora_edge.multitoken.MultiTokenConfig` (ranges checked by the library; a bundle without
+        ``logits_all`` or with a malformed ``drafts.json``: BundleError)."""
         if forced_tokens not in ("raise", "flag"):
             raise InputError(f"forced_tokens must be 'raise' or 'flag', got {forced_tokens!r}")
         if provider not in PROVIDERS:
@@ -236,6 +241,7 @@ class EdgePolicy:
         opts.decoding, opts.max_draft = DECODINGS.index(decoding), max_draft
         opts.tie_margin = -1.0 if tie_margin is None else float(tie_margin)  # negative: guard off
         opts.gate_rate, opts.adaptive_draft = float(gate_rate), int(bool(adaptive_draft))
+        opts.bundle_drafts = int(bool(bundle_drafts))
         h = ctypes.c_void_p()
         _raise(lib, lib.nora_policy_create(str(bundle).encode(), ctypes.byref(opts), ctypes.byref(h)))
         return cls(lib, h)

@@ -6,8 +6,8 @@
  *   instruction (UTF-8) --byte-level BPE (the bundle's tokenizer.json)--> prompt ids with image pads
  *   --decoder graph (onnxruntime C API, loaded at run time; the constant prompt prefix prefilled once)-->
  *   constrained greedy loop through libnora_fast (nora_fast.h; plain: one decoder call per token, or multi-token:
- *   drafts from earlier chunks verified several per decoder call, the same ids) --> (T, D) float64 actions +
- *   token classes.
+ *   drafts from earlier chunks and the bundle's drafts.json verified several per decoder call, the same ids) -->
+ *   (T, D) float64 actions + token classes.
  *
  * Version: NORA_EDGE_ABI_MAJOR.NORA_EDGE_ABI_MINOR. A minor bump only adds functions or option fields at the
  * end of a struct (callers set .struct_size); a major bump breaks the ABI.
@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 #define NORA_EDGE_ABI_MAJOR 0
-#define NORA_EDGE_ABI_MINOR 4
+#define NORA_EDGE_ABI_MINOR 5
 
 #if defined(__GNUC__)
 #define NORA_EDGE_API __attribute__((visibility("default")))
@@ -100,18 +100,21 @@ typedef enum nora_edge_provider {
     NORA_EDGE_PROVIDER_TENSORRT = 2,  /* onnxruntime's TensorrtExecutionProvider (+ CUDA fallback) on device_id */
 } nora_edge_provider;
 
-/* How the greedy loop calls the decoder (ABI 0.4; nora_edge/multitoken.py, the Python runtime's
+/* How the greedy loop calls the decoder (ABI 0.4; bundle_drafts 0.5; nora_edge/multitoken.py, the Python runtime's
  * decoding="multi-token"). With the tie guard on (tie_margin >= 0) both give the same ids whenever a verify call's
  * logits differ from the sequential steps' by less than tie_margin / 2 (nora_policy_options.tie_margin). */
 typedef enum nora_edge_decoding {
     NORA_EDGE_DECODE_PLAIN = 0,       /* one decoder call per generated token */
     NORA_EDGE_DECODE_MULTI_TOKEN = 1, /* lossless multi-token decoding: up to max_draft ids proposed by an n-gram
                                        * table of this policy's earlier chunks (per instruction, then policy-wide),
-                                       * cut by the FAST automaton, verified in ONE decoder call reading its
-                                       * logits_all output; the greedy choice at every position is kept (the
-                                       * agreeing prefix + one token), so the ids are the plain loop's (above).
-                                       * Needs a bundle exported with `nora-edge export --multi-token` (decoder
-                                       * output logits_all); the draft table lives as long as the policy. */
+                                       * seeded at create from the bundle's drafts.json when it ships one (the
+                                       * model's own chunks on calibration frames, `export --multi-token
+                                       * --calibration`; nora_policy_options.bundle_drafts), cut by the FAST
+                                       * automaton, verified in ONE decoder call reading its logits_all output;
+                                       * the greedy choice at every position is kept (the agreeing prefix + one
+                                       * token), so the ids are the plain loop's (above). Needs a bundle exported
+                                       * with `nora-edge export --multi-token` (decoder output logits_all); the
+                                       * draft table lives as long as the policy. */
 } nora_edge_decoding;
 
 #define NORA_EDGE_MAX_DRAFT_LIMIT 32
@@ -148,11 +151,20 @@ typedef struct nora_policy_options {
                                        * shorter calls: worth it where a call's cost grows with its length (a
                                        * compute-bound CPU host; the Python runtime's CPU_HOST settings: 0.2, 1),
                                        * not where decode streams the weights once per call (Jetson, GPU). */
+    /* ABI 0.5 (a caller built against 0.2 .. 0.4 passes its smaller struct_size and gets the default). The 0.4
+     * struct ends in 4 bytes of tail padding on LP64 and ARM EABI (sizeof 88 / 72), which a 0.4 caller's
+     * struct_size covers: reserved0 takes them, so bundle_drafts lies beyond every 0.4 struct_size. */
+    int32_t reserved0;                /* ignored (whatever a 0.4 caller's padding held) */
+    int32_t bundle_drafts;            /* MULTI_TOKEN: 1 (default) = seed the draft table from the bundle's
+                                       * drafts.json when its manifest lists one (a malformed file is then
+                                       * NORA_EDGE_ERR_BUNDLE naming it and chunks[i]), so the first chunk already
+                                       * has proposals; 0 = start empty (proposals only from this policy's own
+                                       * chunks). nora_edge.multitoken.MultiTokenConfig.bundle_drafts. */
 } nora_policy_options;
 
 /* Defaults: onnxruntime from $NORA_EDGE_ONNXRUNTIME, threads 0, verify_hashes 0, REFUSE, max_repaired 0, CPU,
- * device 0, no engine cache, trt_fp16 0, PLAIN decoding, max_draft 6, tie_margin 1e-3, gate_rate 0, adaptive_draft 0
- * (nora_edge.multitoken.MultiTokenConfig's defaults). */
+ * device 0, no engine cache, trt_fp16 0, PLAIN decoding, max_draft 6, tie_margin 1e-3, gate_rate 0, adaptive_draft 0,
+ * bundle_drafts 1 (nora_edge.multitoken.MultiTokenConfig's defaults). */
 NORA_EDGE_API void nora_policy_options_init(nora_policy_options *options);
 
 typedef struct nora_policy_info {
@@ -187,7 +199,11 @@ typedef struct nora_chunk_info {
  * options may be NULL (defaults). The decoder must be a fixed-buffer graph (`export --decoder-graph fused`, or
  * the TensorRT flavor's static KV) and the vision graph specialised to one grid: NORA_EDGE_ERR_UNSUPPORTED
  * otherwise. A bad option value is NORA_EDGE_ERR_INPUT naming the field; MULTI_TOKEN on a decoder without the
- * logits_all output is NORA_EDGE_ERR_BUNDLE (re-export with --multi-token). *out is NULL on failure. */
+ * logits_all output is NORA_EDGE_ERR_BUNDLE (re-export with --multi-token), and so is (MULTI_TOKEN with
+ * bundle_drafts) a drafts.json that is not valid JSON of format "nora-edge-drafts/1" with a list of chunks, each
+ * a string instruction and int ids in [0, vocab) (the message names the file and chunks[i]); a manifest "drafts"
+ * section that does not name file "drafts.json" is NORA_EDGE_ERR_BUNDLE for every decoding. *out is NULL on
+ * failure. */
 NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const nora_policy_options *options,
                                                   nora_policy **out);
 NORA_EDGE_API void nora_policy_destroy(nora_policy *policy);

@@ -2,34 +2,62 @@
 admissible / gap) against the Python runtime it ports (nora_edge/multitoken.py, nora_edge/drafts.py).
 
 Data flow: ``make -C kernels runtime`` --> libnora_edge.so --ctypes (nora_edge.edge_policy)--> one policy per
-decoding on the tiny trained checkpoint exported fused with ``multi_token=True``, next to the Python
-``MultiTokenRunner`` (plain and multi-token loops of one NoraPolicy) on the same frames: over a parity set run
-twice (the second pass drafts from the first) C multi-token ids == C plain ids == Python plain ids, and the C
-decode-loop counters (decoder calls, verify calls, proposed, accepted, fallback) == Python's ``MultiTokenStats``
-chunk by chunk from the same fresh draft-table state; option errors; the example program. The pieces (draft
-table, libnora_fast's automaton walk / top-2 gaps) are checked on their own in test_edge_multitoken_pieces.py.
+decoding on the tiny trained checkpoint exported fused with ``multi_token=True`` and calibration frames (so the
+bundle ships ``drafts.json``), next to the Python ``MultiTokenRunner`` (plain and multi-token loops of one
+NoraPolicy) on the same frames: over a parity set run twice (the second pass drafts from the first) C multi-token
+ids == C plain ids == Python plain ids, and the C decode-loop counters (decoder calls, verify calls, proposed,
+accepted, fallback) == Python's ``MultiTokenStats`` chunk by chunk from the same fresh draft-table state: seeded
+from the bundle's drafts.json (``nora_edge.drafts.read_drafts`` + ``DraftTable.seed``, what ``NoraPolicy.load``
+starts from), or empty with ``bundle_drafts`` off (``MultiTokenConfig(bundle_drafts=False)``); malformed draft
+files and sections against Python's errors; option errors; the example program. The pieces (draft table,
+libnora_fast's automaton walk / top-2 gaps) are checked on their own in test_edge_multitoken_pieces.py.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nora_edge.drafts import DraftTable
+from nora_edge.bundle import DRAFTS, Bundle
+from nora_edge.drafts import DRAFTS_FORMAT, DraftTable, read_drafts
 from nora_edge.edge_policy import EdgePolicy, _ChunkInfo, _Options, load_library, wheel_onnxruntime
 from nora_edge.errors import BundleError, InputError
-from nora_edge.multitoken import CPU_HOST, MultiTokenRunner
+from nora_edge.multitoken import CPU_HOST, MultiTokenConfig, MultiTokenRunner
 from tests.synthetic_pairs import held_out_pairs
 
 from .conftest import KERNELS
 
 PARITY = held_out_pairs(12, seed=11)
 COUNTERS = ("decoder_calls", "verify_calls", "proposed", "accepted", "fallback")
+CALIB = 6  # calibration frames the module bundle's drafts.json is built from (seed 7, not the parity set's)
+
+
+def calibration(seed: int, n: int) -> list:
+    """(frame, instruction) samples of the trained fixture's task, as tests/export/test_multi_token_export.py."""
+    from nora_edge.export.quantize import CalibrationSample
+    from nora_edge.export.quantize.calibration import synthetic_frame
+    from nora_edge.export.synthetic_task import instruction_list
+
+    rng, texts = np.random.default_rng(seed), instruction_list()
+    return [CalibrationSample(synthetic_frame(rng), texts[i % len(texts)]) for i in range(n)]
+
+
+def fresh_table(bundle: Path, seeded: bool) -> DraftTable:
+    """The Python draft table a fresh multi-token policy starts from: the bundle's drafts.json seeded in file
+    order (MultiTokenDecoding.seed_from), or empty (``MultiTokenConfig(bundle_drafts=False)``)."""
+    table = DraftTable()
+    if seeded:
+        b = Bundle.load(bundle, verify=False)
+        assert table.seed(read_drafts(b.file(DRAFTS), b.embeddings["shape"][0])) == CALIB
+    return table
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +80,19 @@ def mt_bundle(tiny_trained_ckpt_h5: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("edgemt") / "fused_mt"
     return export_bundle(
         tiny_trained_ckpt_h5, out, decoder_graph="fused", multi_token=True, progress=False,
-        validation_prompts=4, validation_instructions=instruction_list(),
+        validation_prompts=4, validation_instructions=instruction_list(), calibration=calibration(7, CALIB),
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def runner(mt_bundle: Path) -> MultiTokenRunner:
-    return MultiTokenRunner.load(mt_bundle, threads=1, forced_tokens="flag")
+    """The Python reference; its table starts as fresh_table(seeded=True) (checked here, before any chunk)."""
+    r = MultiTokenRunner.load(mt_bundle, threads=1, forced_tokens="flag")
+    want = fresh_table(mt_bundle, True)
+    assert (
+        r.policy.multi_token.seeded == CALIB and r.drafts.by_key == want.by_key and r.drafts.any == want.any
+    )
+    return r
 
 
 def _edge(lib: Path, bundle: Path, **kw) -> EdgePolicy:
@@ -69,11 +103,13 @@ def _py_counters(stats) -> dict:
     return {k: v for k, v in stats.to_json().items() if k in COUNTERS}
 
 
-def run_both(lib: Path, bundle: Path, runner: MultiTokenRunner, pairs, **cfg) -> list[dict]:
+def run_both(
+    lib: Path, bundle: Path, runner: MultiTokenRunner, pairs, bundle_drafts=True, **cfg
+) -> list[dict]:
     """C and Python multi-token chunks with settings ``cfg`` (MultiTokenConfig's names) on the same sequence,
-    both from a fresh draft table."""
-    edge = _edge(lib, bundle, decoding="multi-token", **cfg)
-    runner.drafts = DraftTable()
+    both from a fresh draft table (seeded from the bundle's drafts.json unless ``bundle_drafts`` is off)."""
+    edge = _edge(lib, bundle, decoding="multi-token", bundle_drafts=bundle_drafts, **cfg)
+    runner.drafts = fresh_table(bundle, bundle_drafts)
     out = []
     for image, text in pairs:
         c = edge.step(image, text)
@@ -153,7 +189,9 @@ def test_option_errors_name_the_field_and_old_callers_get_the_defaults(
                                ("tie_margin", math.inf, "tie_margin must be a finite number"),
                                ("gate_rate", 1.5, "gate_rate must be a number in [0, 1]"),
                                ("gate_rate", math.nan, "gate_rate must be a number in [0, 1]"),
-                               ("adaptive_draft", 2, "adaptive_draft must be 0 or 1")):  # fmt: skip
+                               ("adaptive_draft", 2, "adaptive_draft must be 0 or 1"),
+                               ("bundle_drafts", 2, "bundle_drafts must be 0 or 1, got 2"),
+                               ("bundle_drafts", -1, "bundle_drafts must be 0 or 1, got -1")):  # fmt: skip
         opts = _Options()
         lib.nora_policy_options_init(ctypes.byref(opts))
         opts.onnxruntime_path = str(wheel_onnxruntime()).encode()
@@ -226,10 +264,141 @@ def test_option_errors_name_the_field_and_old_callers_get_the_defaults(
     edge.close()
 
 
+def test_bundle_drafts_off_equals_python_unseeded_and_seeding_saves_calls(edge_lib, mt_bundle, runner):
+    """Two calibration frames then parity frames, each run from a fresh policy: bundle_drafts on (the default) and
+    off, C == Python chunk by chunk, with Python's off table what ``MultiTokenConfig(bundle_drafts=False)``
+    loads. The first chunk (a frame the draft file was built from) makes fewer decoder calls seeded than not;
+    unseeded it is the plain loop's one call per token. An ABI 0.4 caller (its struct_size, padding included,
+    garbage behind) gets the seeded default."""
+    off = MultiTokenRunner.load(
+        mt_bundle, threads=1, forced_tokens="flag", multi_token=MultiTokenConfig(bundle_drafts=False)
+    )
+    assert off.policy.multi_token.seeded == 0 and off.drafts.by_key == {} and off.drafts.any == {}
+    pairs = [(s.image, s.instruction) for s in calibration(7, 2)] + PARITY[:4]
+    runs = {
+        True: run_both(edge_lib, mt_bundle, runner, pairs),
+        False: run_both(edge_lib, mt_bundle, off, pairs, False),
+    }
+    compared = 0
+    for i in range(len(pairs)):
+        on, no = runs[True][i], runs[False][i]
+        assert on["c"].ids.tolist() == no["c"].ids.tolist() == on["py_ids"] == no["py_ids"], i
+        assert on["c"].counters == on["py"] and no["c"].counters == no["py"], i
+        compared += 1
+    first_on, first_off = runs[True][0]["c"], runs[False][0]["c"]
+    plain_first = {"decoder_calls": first_off.ids.size - 1, "verify_calls": 0, "proposed": 0, "accepted": 0,
+                   "fallback": False}  # fmt: skip
+    assert first_off.counters == plain_first and first_on.counters["proposed"] > 0
+    assert first_on.counters["decoder_calls"] < first_off.counters["decoder_calls"], (first_on, first_off)
+    assert compared == 6
+    # an ABI 0.4 caller: its struct (tail padding included) ends before reserved0's successor
+    fields_04 = [f for f in _Options._fields_ if f[0] not in ("reserved0", "bundle_drafts")]
+    size_04 = ctypes.sizeof(type("_Options04", (ctypes.Structure,), {"_fields_": fields_04}))
+    assert _Options.reserved0.offset < size_04 <= _Options.bundle_drafts.offset
+    lib = load_library(edge_lib)
+    opts = _Options()
+    lib.nora_policy_options_init(ctypes.byref(opts))
+    assert opts.bundle_drafts == 1
+    opts.onnxruntime_path, opts.threads = str(wheel_onnxruntime()).encode(), 1
+    opts.forced_tokens, opts.decoding = 1, 1
+    opts.struct_size, opts.reserved0, opts.bundle_drafts = size_04, 0x5A5A, 7  # not read
+    h = ctypes.c_void_p()
+    assert lib.nora_policy_create(str(mt_bundle).encode(), ctypes.byref(opts), ctypes.byref(h)) == 0, (
+        lib.nora_edge_last_error()
+    )
+    with EdgePolicy(lib, h) as old:
+        assert old.step(*pairs[0]).counters == first_on.counters
+
+
+def _tampered(src: Path, dst: Path, drafts: str | None = None, section=...) -> Path:
+    """``src`` copied to ``dst`` with drafts.json's text and / or the manifest's "drafts" section replaced; the
+    manifest lists the new file's size and sha256, so only the content is wrong."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if drafts is not None:
+        data = drafts.encode()
+        (dst / DRAFTS).write_bytes(data)
+        manifest["files"][DRAFTS].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if section is not ...:
+        manifest["drafts"] = section
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+def test_malformed_drafts_are_bundle_errors_like_pythons(edge_lib, mt_bundle, tmp_path):
+    """A bundle copy (hashes updated) whose drafts.json or "drafts" section is wrong: nora_policy_create is a
+    BundleError with Python's message after the file name (read_drafts; NoraPolicy.load for the section);
+    bundle_drafts off (C and Python) or plain decoding never read the file."""
+    from nora_edge.policy import NoraPolicy
+
+    vocab = Bundle.load(mt_bundle, verify=False).embeddings["shape"][0]
+    good = {"instruction": "pick", "ids": [3, 4]}
+    cases = [
+        "not json",
+        json.dumps([1]),
+        json.dumps({"format": "nora-edge-drafts/0", "chunks": []}),
+        json.dumps({"chunks": []}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": {}}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": [good, {"instruction": "a", "ids": [1, -2]}]}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": [good, good, {"instruction": "a", "ids": [1, True]}]}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [1.0]}]}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"ids": [1]}]}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": 5, "ids": [1]}]}),
+        json.dumps({"format": DRAFTS_FORMAT, "chunks": ["pick"]}),
+        json.dumps(
+            {"format": DRAFTS_FORMAT, "chunks": [good, {"instruction": "a", "ids": [2, vocab + 5, 1]}]}
+        ),
+    ]
+    compared = 0
+    for text in cases:
+        bad = _tampered(mt_bundle, tmp_path / "bad", drafts=text)
+        with pytest.raises(BundleError) as py:
+            read_drafts(bad / DRAFTS, vocab)
+        with pytest.raises(BundleError) as c:
+            _edge(edge_lib, bad, decoding="multi-token", verify=True)
+        c_msg, py_msg = str(c.value), str(py.value)
+        assert c_msg.startswith(f"{bad}/{DRAFTS}: ") and py_msg.startswith(f"{bad / DRAFTS}: "), (
+            c_msg,
+            py_msg,
+        )
+        c_tail, py_tail = c_msg.split(f"{DRAFTS}: ", 1)[1], py_msg.split(f"{DRAFTS}: ", 1)[1]
+        if text == "not json":  # the JSON parsers' own words differ
+            assert c_tail.startswith("unreadable draft file (") and py_tail.startswith(
+                "unreadable draft file ("
+            )
+        else:
+            assert c_tail == py_tail, (text, c_tail, py_tail)
+        compared += 1
+    assert compared == len(cases) == 12
+    huge = json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [2**64 - 1]}]})
+    bad = _tampered(mt_bundle, tmp_path / "bad", drafts=huge)  # past int64: C compares it unsigned
+    with pytest.raises(BundleError, match=rf"chunks\[0\] holds id {2**64 - 1} >= vocab size {vocab}"):
+        _edge(edge_lib, bad, decoding="multi-token")
+    # the last bad file: not read with bundle_drafts off (C and Python) nor by plain decoding
+    _edge(edge_lib, bad, decoding="multi-token", bundle_drafts=False, verify=True).close()
+    _edge(edge_lib, bad, verify=True).close()
+    cfg = MultiTokenConfig(bundle_drafts=False)
+    NoraPolicy.load(bad, providers="cpu", decoding="multi-token", multi_token=cfg).close()
+    # the manifest's section: an object naming drafts.json, else a BundleError in both runtimes
+    for section in ({"file": "other.json"}, {"chunks": 6}, ["drafts.json"], "drafts.json"):
+        bad = _tampered(mt_bundle, tmp_path / "bad", section=section)
+        with pytest.raises(BundleError, match="'drafts' section must name file 'drafts.json'"):
+            _edge(edge_lib, bad, decoding="multi-token")
+        with pytest.raises(BundleError, match="'drafts' section must name file 'drafts.json'"):
+            NoraPolicy.load(bad, providers="cpu", decoding="multi-token")
+        compared += 1
+    # an absent section (a bundle exported without calibration): nothing seeded, nothing read
+    bad = _tampered(mt_bundle, tmp_path / "bad", drafts="not json", section=None)
+    with _edge(edge_lib, bad, decoding="multi-token", verify=True) as edge:
+        image, text = PARITY[0]
+        assert edge.step(image, text).counters["proposed"] == 0
+    assert compared == 16
+
+
 def test_run_bundle_multi_token_repeat(edge_lib, mt_bundle, tmp_path):
     """examples/run_bundle --multi-token --repeat 2: the second chunk drafts from the first (same ids)."""
-    import json
-
     from PIL import Image
 
     r = subprocess.run(
@@ -268,8 +437,8 @@ def test_run_bundle_multi_token_repeat(edge_lib, mt_bundle, tmp_path):
 def test_run_bundle_multi_token_is_clean_under_asan_and_ubsan(mt_bundle, tmp_path):
     """The runtime under AddressSanitizer + UBSan (leak checks on) running multi-token chunks: verify calls
     with every draft accepted, with max_draft 1, the fallback (tie_margin 1e30) and the CPU-host settings (gate,
-    adaptive K); ids equal the plain run's."""
-    import json
+    adaptive K), all seeded from the bundle's drafts.json; ids equal the plain run's. A malformed drafts.json: a
+    clean BundleError."""
 
     from PIL import Image
 
@@ -309,3 +478,17 @@ def test_run_bundle_multi_token_is_clean_under_asan_and_ubsan(mt_bundle, tmp_pat
         and dec["fallback"]["fallback"]
     )
     assert dec["plain"]["decoder_calls"] == len(ids) - 1 and len(outs) == 5
+    # the seed's error path (a chunk past the vocabulary after a good one): a clean BundleError, nothing leaked
+    good = {"instruction": text, "ids": ids}
+    bad_ids = {"instruction": text, "ids": [1, 10**9]}
+    bad = _tampered(
+        mt_bundle, tmp_path / "bad", drafts=json.dumps({"format": DRAFTS_FORMAT, "chunks": [good, bad_ids]})
+    )
+    p = subprocess.run([*base[:1], str(bad), *base[2:], "--multi-token"], capture_output=True, text=True, env=env,
+                       timeout=600)  # fmt: skip
+    assert (
+        p.returncode == 1
+        and "NORA_EDGE_ERR_BUNDLE" in p.stderr
+        and "chunks[1] holds id 1000000000" in p.stderr
+    )
+    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr[-3000:]

@@ -330,6 +330,20 @@ Bundle Bundle::load(const std::string &dir_in, bool verify_hashes) {
         }
     }
 
+    // drafts (multitoken.py MultiTokenDecoding.seed_from; the file itself is read by DraftTable::seed at create,
+    // only when it seeds). Stricter than Python: a falsy non-object ([], "", 0, false) is refused, not ignored.
+    const json &dj = m.contains("drafts") ? m.at("drafts") : json(nullptr);
+    if (!dj.is_null() && !(dj.is_object() && dj.empty())) {
+        const std::string want = "drafts.json";  // bundle.py DRAFTS
+        const bool has_file = dj.is_object() && dj.contains("file");
+        if (!has_file || !dj.at("file").is_string() || dj.at("file").get<std::string>() != want)
+            fail(mpath + ": 'drafts' section must name file '" + want + "', got " +
+                 (dj.is_object() ? (has_file ? repr(dj.at("file")) : "no 'file'") : repr(dj)));
+        if (!m.at("files").contains(want))  // Bundle.file()
+            fail(root + ": '" + want + "' is not listed in " + MANIFEST);
+        b.drafts = want;
+    }
+
     // prompt, actions, generation (bundle_specs.*Spec.from_json)
     const json &jp = m.at("prompt");
     b.prompt.prefix_ids = req_ids(jp, "prefix_ids", "prompt");

@@ -11,9 +11,10 @@
  * Errors: BundleError, a C++ exception carrying the nora_edge.h status; the C ABI layer converts it with
  * nora_edge_priv_fail(e.status(), "%s", e.what()). NORA_EDGE_ERR_BUNDLE: a missing / resized / tampered /
  * unlisted file or a missing / ill-typed manifest field (the message names the file or 'section.field', in
- * bundle.py's wording); NORA_EDGE_ERR_UNSUPPORTED: a valid image section the C preprocessing cannot reproduce
- * (a second smart_resize, rescale_factor != 1/255: the Python runtime falls back to numpy there);
- * NORA_EDGE_ERR_INPUT: a row id outside the table in gather_f32.
+ * bundle.py's wording), a "drafts" section that is not an object naming file "drafts.json" (multitoken.py
+ * seed_from's check, made here for every decoding); NORA_EDGE_ERR_UNSUPPORTED: a valid image section the C
+ * preprocessing cannot reproduce (a second smart_resize, rescale_factor != 1/255: the Python runtime falls back to
+ * numpy there); NORA_EDGE_ERR_INPUT: a row id outside the table in gather_f32.
  */
 #ifndef NORA_EDGE_BUNDLE_H
 #define NORA_EDGE_BUNDLE_H
@@ -127,6 +128,9 @@ struct Bundle {
     CodecInfo codec;
     std::vector<std::string> norm_stats_keys;  /* sorted */
     std::vector<PostStep> postprocess;         /* manifest order; absent = NORA's default q01_q99 */
+    /* the manifest's optional "drafts" section's file, relative ("drafts.json", the multi-token draft table's
+     * seed; export --multi-token --calibration); "" when the section is absent, null or {} */
+    std::string drafts;
 
     /* Read, verify and parse `dir` (sizes always; sha256 when verify_hashes). Throws BundleError. */
     static Bundle load(const std::string &dir, bool verify_hashes);

@@ -1,10 +1,18 @@
 /* drafts.cpp: the n-gram draft table of multi-token decoding (drafts.h; nora_edge/drafts.py DraftTable, the same
  * proposals for the same history: longest suffix first, the instruction's own table before the policy-wide one
- * at each length, within a chunk the earliest occurrence, a later chunk overwriting an earlier one).
+ * at each length, within a chunk the earliest occurrence, a later chunk overwriting an earlier one) and its seed
+ * from a bundle's drafts.json (read_drafts' checks, in its wording; JSON: nlohmann/json,
+ * https://json.nlohmann.me/api/basic_json/parse/, as the bundle reader).
  */
 #include "edge/drafts.h"
 
 #include <algorithm>
+#include <climits>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <utility>
+#include <vector>
 
 namespace nora_edge {
 
@@ -57,6 +65,80 @@ void DraftTable::insert(Table &table, const int64_t *seq, int n) {
 void DraftTable::observe(const std::string &key, const int64_t *ids, int n) {
     insert(by_key_[key], ids, n);
     insert(any_, ids, n);
+}
+
+namespace {
+
+using json = nlohmann::json;
+
+/* Python's repr / type name of a JSON value, for read_drafts' "got ..." (cut at 80 chars) */
+std::string py_repr(const json &v) {
+    std::string s = v.is_null() ? "None"
+                    : v.is_boolean() ? (v.get<bool>() ? "True" : "False")
+                    : v.is_string() ? "'" + v.get<std::string>() + "'"
+                                    : v.dump();
+    return s.size() > 80 ? s.substr(0, 80) : s;
+}
+const char *py_type(const json &v) {
+    switch (v.type()) {
+        case json::value_t::null: return "NoneType";
+        case json::value_t::boolean: return "bool";
+        case json::value_t::string: return "str";
+        case json::value_t::array: return "list";
+        case json::value_t::object: return "dict";
+        case json::value_t::number_float: return "float";
+        default: return "int";
+    }
+}
+
+}  // namespace
+
+int64_t DraftTable::seed(const std::string &path, int64_t vocab_size) {
+    auto fail = [&](const std::string &msg) { throw DraftsError(path + ": " + msg); };
+    json doc;
+    {
+        std::ifstream f(path, std::ios::binary);
+        if (!f) fail("unreadable draft file (cannot open it)");
+        std::ostringstream text;
+        text << f.rdbuf();
+        if (f.bad()) fail("unreadable draft file (read error)");
+        try {
+            doc = json::parse(text.str());  /* strict UTF-8 in strings, as Python's utf-8 decode */
+        } catch (const json::exception &e) {
+            fail(std::string("unreadable draft file (") + e.what() + ")");
+        }
+    }
+    const json *format = doc.is_object() && doc.contains("format") ? &doc.at("format") : nullptr;
+    if (!format || !format->is_string() || format->get<std::string>() != kFormat)
+        fail(std::string("format must be '") + kFormat + "', got " +
+             (doc.is_object() ? (format ? py_repr(*format) : "None") : "'" + std::string(py_type(doc)) + "'"));
+    if (!doc.contains("chunks") || !doc.at("chunks").is_array()) fail("'chunks' must be a list");
+    const json &chunks = doc.at("chunks");
+    std::vector<std::pair<std::string, std::vector<int64_t>>> parsed;
+    parsed.reserve(chunks.size());
+    for (size_t i = 0; i < chunks.size(); i++) {
+        const json &c = chunks[i];
+        const std::string at = "chunks[" + std::to_string(i) + "]";
+        const json *text = c.is_object() && c.contains("instruction") ? &c.at("instruction") : nullptr;
+        const json *ids = c.is_object() && c.contains("ids") ? &c.at("ids") : nullptr;
+        bool ok = text && text->is_string() && ids && ids->is_array();
+        for (size_t j = 0; ok && j < ids->size(); j++) {  /* an int >= 0: no bool, no float (Python's type(x) is int) */
+            const json &x = (*ids)[j];
+            ok = x.is_number_unsigned() || (x.is_number_integer() && x.get<int64_t>() >= 0);
+        }
+        if (!ok) fail(at + " needs a string 'instruction' and a list of int ids >= 0");
+        uint64_t top = 0;
+        for (const json &x : *ids) top = std::max(top, x.get<uint64_t>());
+        if (!ids->empty() && top >= (uint64_t)vocab_size)
+            fail(at + " holds id " + std::to_string(top) + " >= vocab size " + std::to_string(vocab_size));
+        if (ids->size() > (size_t)INT_MAX) fail(at + " holds more than INT_MAX ids");
+        std::vector<int64_t> v;
+        v.reserve(ids->size());
+        for (const json &x : *ids) v.push_back(x.get<int64_t>());
+        parsed.emplace_back(text->get<std::string>(), std::move(v));
+    }
+    for (const auto &c : parsed) observe(c.first, c.second.data(), (int)c.second.size());  /* DraftTable.seed */
+    return (int64_t)parsed.size();
 }
 
 void DraftTable::record(const std::string &key, int64_t proposed, int64_t accepted) {

@@ -212,6 +212,7 @@ NORA_EDGE_API void nora_policy_options_init(nora_policy_options *o) {
     o->tie_margin = 1e-3;  /* DEFAULT_TIE_MARGIN */
     o->gate_rate = 0.0;    /* MultiTokenConfig defaults: no gate, fixed K */
     o->adaptive_draft = 0;
+    o->bundle_drafts = 1;  /* MultiTokenConfig.bundle_drafts */
 }
 
 NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const nora_policy_options *options,
@@ -226,7 +227,7 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
             options->struct_size > sizeof opts)
             return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "nora_policy_create: options.struct_size %zu (call "
                                        "nora_policy_options_init)", options->struct_size);
-        std::memcpy(&opts, options, options->struct_size);  // a 0.2 caller's smaller struct: the rest defaults
+        std::memcpy(&opts, options, options->struct_size);  // an older caller's smaller struct: the rest defaults
         opts.struct_size = sizeof opts;
     }
     if (opts.provider < NORA_EDGE_PROVIDER_CPU || opts.provider > NORA_EDGE_PROVIDER_TENSORRT)
@@ -255,6 +256,8 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
                                    opts.gate_rate);
     if (opts.adaptive_draft != 0 && opts.adaptive_draft != 1)
         return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "adaptive_draft must be 0 or 1, got %d", opts.adaptive_draft);
+    if (opts.bundle_drafts != 0 && opts.bundle_drafts != 1)
+        return nora_edge_priv_fail(NORA_EDGE_ERR_INPUT, "bundle_drafts must be 0 or 1, got %d", opts.bundle_drafts);
     std::unique_ptr<PolicyState> state;
     nora_edge_status rc = guarded("nora_policy_create", [&] {
         Bundle b = Bundle::load(bundle_dir, opts.verify_hashes != 0);
@@ -277,6 +280,13 @@ NORA_EDGE_API nora_edge_status nora_policy_create(const char *bundle_dir, const 
         allocate(st);
         bind_decode_step(st);
         if (opts.decoding == NORA_EDGE_DECODE_MULTI_TOKEN) bind_verify(st);  /* multitoken.cpp */
+        if (opts.decoding == NORA_EDGE_DECODE_MULTI_TOKEN && opts.bundle_drafts && !st.bundle.drafts.empty()) {
+            try {  /* MultiTokenDecoding.seed_from: the draft table starts with the bundle's calibration chunks */
+                st.draft_table.seed(st.bundle.path(st.bundle.drafts), st.embeddings.rows());
+            } catch (const DraftsError &e) {
+                fail(NORA_EDGE_ERR_BUNDLE, e.what());
+            }
+        }
         prefill_prefix(st);
     });
     if (rc != NORA_EDGE_OK) return rc;
