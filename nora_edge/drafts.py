@@ -123,6 +123,8 @@ def read_drafts(path: str | Path, vocab_size: int | None = None) -> list[tuple[s
         ok = isinstance(ids, list) and all(type(x) is int and x >= 0 for x in ids)
         if not isinstance(text, str) or not ok:
             raise BundleError(f"{path}: chunks[{i}] needs a string 'instruction' and a list of int ids >= 0")
+        if ids and max(ids) >= 2**63:  # beyond int64: no vocabulary holds it
+            raise BundleError(f"{path}: chunks[{i}] holds id {max(ids)} beyond int64")
         arr = np.asarray(ids, dtype=np.int64)
         if vocab_size is not None and arr.size and int(arr.max()) >= vocab_size:
             raise BundleError(f"{path}: chunks[{i}] holds id {int(arr.max())} >= vocab size {vocab_size}")

@@ -182,6 +182,10 @@ def test_read_drafts_names_the_problem(tmp_path) -> None:
             json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [1, 99]}]}),
             ">= vocab size",
         ),
+        (
+            json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [2**64]}]}),
+            "beyond int64",
+        ),
     ]
     for text, match in cases:
         path.write_text(text, encoding="utf-8")
@@ -189,4 +193,4 @@ def test_read_drafts_names_the_problem(tmp_path) -> None:
             read_drafts(path, vocab_size=50)
     path.write_text(json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [3, 4]}]}))
     ((text, ids),) = read_drafts(path, vocab_size=50)
-    assert text == "a" and ids.tolist() == [3, 4] and len(cases) == 6
+    assert text == "a" and ids.tolist() == [3, 4] and len(cases) == 7
