@@ -859,7 +859,7 @@ def test_tensorrt_recipes_are_exactly_the_standard_onnx_ones():
         with pytest.raises(ExportError, match=f"recipe '{r.name}' cannot target TensorRT.*int4-qdq"):
             check_tensorrt_recipe(r.name)
         refused += 1
-    assert refused == 5  # int8, int4, int4-b32, int4-hqq, mixed
+    assert refused == 6  # int8, int4, int4-b32, int4-hqq, int4-f32act, mixed
 
 
 def test_tensorrt_check_of_quantized_graphs_names_the_node(tmp_path, rng):
