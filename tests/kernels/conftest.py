@@ -198,3 +198,14 @@ def edge_cxx_build(tmp_path_factory) -> Path:
     r = make(EDGE_DRIVERS[0], build, *EDGE_DRIVERS[1:], "-j2", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return build
+
+
+@pytest.fixture(scope="session")
+def edge_runtime(edge_cxx_build: Path) -> Path:
+    """libnora_edge.so built in the session's C++ build dir (the tokenizer / bundle / prompt objects reused)."""
+    r = subprocess.run(
+        ["make", "-C", str(KERNELS), "runtime", f"BUILD={edge_cxx_build}", "-j2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return edge_cxx_build / "libnora_edge.so"

@@ -60,17 +60,6 @@ def fresh_table(bundle: Path, seeded: bool) -> DraftTable:
     return table
 
 
-@pytest.fixture(scope="session")
-def edge_lib(edge_cxx_build: Path) -> Path:
-    """libnora_edge.so built in the session's C++ build dir (as test_edge_policy.py's fixture)."""
-    r = subprocess.run(
-        ["make", "-C", str(KERNELS), "runtime", f"BUILD={edge_cxx_build}", "-j2"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return edge_cxx_build / "libnora_edge.so"
-
-
 @pytest.fixture(scope="module")
 def mt_bundle(tiny_trained_ckpt_h5: Path, tmp_path_factory) -> Path:
     """The trained tiny checkpoint exported fused with the logits_all output (``--multi-token``)."""
@@ -118,11 +107,11 @@ def run_both(
     return out
 
 
-def test_multi_token_ids_and_decoder_calls_equal_the_python_runtime(edge_lib, mt_bundle, runner):
+def test_multi_token_ids_and_decoder_calls_equal_the_python_runtime(edge_runtime, mt_bundle, runner):
     """Parity set twice: C multi == C plain == Python plain ids; C counters == Python's chunk by chunk."""
     pairs = PARITY + PARITY
-    plain = _edge(edge_lib, mt_bundle)
-    runs = run_both(edge_lib, mt_bundle, runner, pairs)  # the defaults: fixed K = 6, no gate
+    plain = _edge(edge_runtime, mt_bundle)
+    runs = run_both(edge_runtime, mt_bundle, runner, pairs)  # the defaults: fixed K = 6, no gate
     n = {"chunks": 0, "ids": 0, "plain_calls": 0, "multi_calls": 0, "verify": 0, "accepted": 0}
     for (image, text), r in zip(pairs, runs, strict=True):
         p = plain.step(image, text)
@@ -145,13 +134,13 @@ def test_multi_token_ids_and_decoder_calls_equal_the_python_runtime(edge_lib, mt
     assert n["multi_calls"] < n["plain_calls"], n
 
 
-def test_a_huge_tie_margin_falls_back_on_every_drafted_chunk(edge_lib, mt_bundle, runner):
+def test_a_huge_tie_margin_falls_back_on_every_drafted_chunk(edge_runtime, mt_bundle, runner):
     """tie_margin 1e30: every chunk that used a verify call is re-decoded plainly (flagged fallback); the ids
     are still the plain loop's and the calls Python's, with the acceptance gate (gate_rate 0.2) closing on the
     rejected drafts."""
     pairs = PARITY[:6] * 3
-    plain = _edge(edge_lib, mt_bundle)
-    runs = run_both(edge_lib, mt_bundle, runner, pairs, tie_margin=1e30, gate_rate=0.2)
+    plain = _edge(edge_runtime, mt_bundle)
+    runs = run_both(edge_runtime, mt_bundle, runner, pairs, tie_margin=1e30, gate_rate=0.2)
     fallbacks = 0
     for (image, text), r in zip(pairs, runs, strict=True):
         m = r["c"]
@@ -164,25 +153,25 @@ def test_a_huge_tie_margin_falls_back_on_every_drafted_chunk(edge_lib, mt_bundle
     assert any(r[2] > 0 for r in runner.drafts.rate.values())
 
 
-def test_cpu_host_settings_and_guard_off_equal_the_python_runtime(edge_lib, mt_bundle, runner):
+def test_cpu_host_settings_and_guard_off_equal_the_python_runtime(edge_runtime, mt_bundle, runner):
     """Adaptive K and the gate (Python's CPU_HOST settings) with max_draft 3, and with the guard off."""
     cfg = {"gate_rate": CPU_HOST.gate_rate, "adaptive_draft": CPU_HOST.adaptive_draft, "max_draft": 3}
-    runs = run_both(edge_lib, mt_bundle, runner, PARITY[:6] * 2, **cfg)
-    runs += run_both(edge_lib, mt_bundle, runner, PARITY[:6] * 2, tie_margin=None, **cfg)
+    runs = run_both(edge_runtime, mt_bundle, runner, PARITY[:6] * 2, **cfg)
+    runs += run_both(edge_runtime, mt_bundle, runner, PARITY[:6] * 2, tie_margin=None, **cfg)
     for r in runs:
         assert r["c"].ids.tolist() == r["py_ids"] and r["c"].counters == r["py"]
     assert sum(r["c"].counters["verify_calls"] for r in runs) >= 12 and len(runs) == 24
 
 
 def test_option_errors_name_the_field_and_old_callers_get_the_defaults(
-    edge_lib, mt_bundle, fused_trained_bundle
+    edge_runtime, mt_bundle, fused_trained_bundle
 ):
     for bad in (0, 33):
         with pytest.raises(InputError, match=f"max_draft must be in \\[1, 32\\], got {bad}"):
-            _edge(edge_lib, mt_bundle, decoding="multi-token", max_draft=bad)
+            _edge(edge_runtime, mt_bundle, decoding="multi-token", max_draft=bad)
     with pytest.raises(InputError, match="decoding must be one of"):
-        _edge(edge_lib, mt_bundle, decoding="speculative")
-    lib = load_library(edge_lib)
+        _edge(edge_runtime, mt_bundle, decoding="speculative")
+    lib = load_library(edge_runtime)
     h = ctypes.c_void_p()
     for field, value, text in (("decoding", 2, "decoding must be NORA_EDGE_DECODE_PLAIN"),
                                ("tie_margin", math.nan, "tie_margin must be a finite number"),
@@ -201,7 +190,7 @@ def test_option_errors_name_the_field_and_old_callers_get_the_defaults(
     # multi-token on a bundle exported without logits_all: a BundleError naming the output and the flag,
     # as the Python runtime's
     with pytest.raises(BundleError, match=r"no output 'logits_all'.*--multi-token"):
-        _edge(edge_lib, fused_trained_bundle, decoding="multi-token")
+        _edge(edge_runtime, fused_trained_bundle, decoding="multi-token")
     with pytest.raises(BundleError, match="logits_all"):
         MultiTokenRunner.load(fused_trained_bundle, threads=1)
     # an ABI 0.3 caller: smaller options (garbage behind them) -> plain decoding; its chunk info accepted
@@ -264,7 +253,7 @@ def test_option_errors_name_the_field_and_old_callers_get_the_defaults(
     edge.close()
 
 
-def test_bundle_drafts_off_equals_python_unseeded_and_seeding_saves_calls(edge_lib, mt_bundle, runner):
+def test_bundle_drafts_off_equals_python_unseeded_and_seeding_saves_calls(edge_runtime, mt_bundle, runner):
     """Two calibration frames then parity frames, each run from a fresh policy: bundle_drafts on (the default) and
     off, C == Python chunk by chunk, with Python's off table what ``MultiTokenConfig(bundle_drafts=False)``
     loads. The first chunk (a frame the draft file was built from) makes fewer decoder calls seeded than not;
@@ -276,8 +265,8 @@ def test_bundle_drafts_off_equals_python_unseeded_and_seeding_saves_calls(edge_l
     assert off.policy.multi_token.seeded == 0 and off.drafts.by_key == {} and off.drafts.any == {}
     pairs = [(s.image, s.instruction) for s in calibration(7, 2)] + PARITY[:4]
     runs = {
-        True: run_both(edge_lib, mt_bundle, runner, pairs),
-        False: run_both(edge_lib, mt_bundle, off, pairs, False),
+        True: run_both(edge_runtime, mt_bundle, runner, pairs),
+        False: run_both(edge_runtime, mt_bundle, off, pairs, False),
     }
     compared = 0
     for i in range(len(pairs)):
@@ -295,7 +284,7 @@ def test_bundle_drafts_off_equals_python_unseeded_and_seeding_saves_calls(edge_l
     fields_04 = [f for f in _Options._fields_ if f[0] not in ("reserved0", "bundle_drafts")]
     size_04 = ctypes.sizeof(type("_Options04", (ctypes.Structure,), {"_fields_": fields_04}))
     assert _Options.reserved0.offset < size_04 <= _Options.bundle_drafts.offset
-    lib = load_library(edge_lib)
+    lib = load_library(edge_runtime)
     opts = _Options()
     lib.nora_policy_options_init(ctypes.byref(opts))
     assert opts.bundle_drafts == 1
@@ -327,7 +316,7 @@ def _tampered(src: Path, dst: Path, drafts: str | None = None, section=...) -> P
     return dst
 
 
-def test_malformed_drafts_are_bundle_errors_like_pythons(edge_lib, mt_bundle, tmp_path):
+def test_malformed_drafts_are_bundle_errors_like_pythons(edge_runtime, mt_bundle, tmp_path):
     """A bundle copy (hashes updated) whose drafts.json or "drafts" section is wrong: nora_policy_create is a
     BundleError with Python's message after the file name (read_drafts; NoraPolicy.load for the section);
     bundle_drafts off (C and Python) or plain decoding never read the file."""
@@ -357,7 +346,7 @@ def test_malformed_drafts_are_bundle_errors_like_pythons(edge_lib, mt_bundle, tm
         with pytest.raises(BundleError) as py:
             read_drafts(bad / DRAFTS, vocab)
         with pytest.raises(BundleError) as c:
-            _edge(edge_lib, bad, decoding="multi-token", verify=True)
+            _edge(edge_runtime, bad, decoding="multi-token", verify=True)
         c_msg, py_msg = str(c.value), str(py.value)
         assert c_msg.startswith(f"{bad}/{DRAFTS}: ") and py_msg.startswith(f"{bad / DRAFTS}: "), (
             c_msg,
@@ -375,34 +364,34 @@ def test_malformed_drafts_are_bundle_errors_like_pythons(edge_lib, mt_bundle, tm
     huge = json.dumps({"format": DRAFTS_FORMAT, "chunks": [{"instruction": "a", "ids": [2**64 - 1]}]})
     bad = _tampered(mt_bundle, tmp_path / "bad", drafts=huge)  # past int64: C compares it unsigned
     with pytest.raises(BundleError, match=rf"chunks\[0\] holds id {2**64 - 1} >= vocab size {vocab}"):
-        _edge(edge_lib, bad, decoding="multi-token")
+        _edge(edge_runtime, bad, decoding="multi-token")
     # the last bad file: not read with bundle_drafts off (C and Python) nor by plain decoding
-    _edge(edge_lib, bad, decoding="multi-token", bundle_drafts=False, verify=True).close()
-    _edge(edge_lib, bad, verify=True).close()
+    _edge(edge_runtime, bad, decoding="multi-token", bundle_drafts=False, verify=True).close()
+    _edge(edge_runtime, bad, verify=True).close()
     cfg = MultiTokenConfig(bundle_drafts=False)
     NoraPolicy.load(bad, providers="cpu", decoding="multi-token", multi_token=cfg).close()
     # the manifest's section: an object naming drafts.json, else a BundleError in both runtimes
     for section in ({"file": "other.json"}, {"chunks": 6}, ["drafts.json"], "drafts.json"):
         bad = _tampered(mt_bundle, tmp_path / "bad", section=section)
         with pytest.raises(BundleError, match="'drafts' section must name file 'drafts.json'"):
-            _edge(edge_lib, bad, decoding="multi-token")
+            _edge(edge_runtime, bad, decoding="multi-token")
         with pytest.raises(BundleError, match="'drafts' section must name file 'drafts.json'"):
             NoraPolicy.load(bad, providers="cpu", decoding="multi-token")
         compared += 1
     # an absent section (a bundle exported without calibration): nothing seeded, nothing read
     bad = _tampered(mt_bundle, tmp_path / "bad", drafts="not json", section=None)
-    with _edge(edge_lib, bad, decoding="multi-token", verify=True) as edge:
+    with _edge(edge_runtime, bad, decoding="multi-token", verify=True) as edge:
         image, text = PARITY[0]
         assert edge.step(image, text).counters["proposed"] == 0
     assert compared == 16
 
 
-def test_run_bundle_multi_token_repeat(edge_lib, mt_bundle, tmp_path):
+def test_run_bundle_multi_token_repeat(edge_runtime, mt_bundle, tmp_path):
     """examples/run_bundle --multi-token --repeat 2: the second chunk drafts from the first (same ids)."""
     from PIL import Image
 
     r = subprocess.run(
-        ["make", "-C", str(KERNELS), f"BUILD={edge_lib.parent}", str(edge_lib.parent / "run_bundle")],
+        ["make", "-C", str(KERNELS), f"BUILD={edge_runtime.parent}", str(edge_runtime.parent / "run_bundle")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -411,7 +400,7 @@ def test_run_bundle_multi_token_repeat(edge_lib, mt_bundle, tmp_path):
     image, text = PARITY[1]
     Image.fromarray(image).save(tmp_path / "f.ppm")
     base = [
-        str(edge_lib.parent / "run_bundle"),
+        str(edge_runtime.parent / "run_bundle"),
         str(mt_bundle),
         str(tmp_path / "f.ppm"),
         "--instruction",

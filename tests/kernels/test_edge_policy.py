@@ -29,17 +29,6 @@ N_QUANT_PAIRS = 16
 ACTION_TOL = 1e-9
 
 
-@pytest.fixture(scope="session")
-def edge_runtime(edge_cxx_build: Path) -> Path:
-    """libnora_edge.so built in the session's C++ build dir (the tokenizer / bundle / prompt objects reused)."""
-    r = subprocess.run(
-        ["make", "-C", str(KERNELS), "runtime", f"BUILD={edge_cxx_build}", "-j2"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return edge_cxx_build / "libnora_edge.so"
-
-
 @pytest.fixture(scope="module")
 def quantized(fused_trained_bundle: Path, tmp_path_factory) -> dict[str, Path]:
     """int8 and int4 copies of the trained fused bundle (quantize_bundle, gated by the recipes' fidelity)."""
