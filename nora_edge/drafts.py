@@ -3,7 +3,8 @@
 Data flow: the bundle's ``drafts.json`` when it ships one (the model's own generated ids on calibration frames,
 written by ``export --multi-token --calibration``; :func:`read_drafts`) --:meth:`DraftTable.seed`--> and then
 every finished chunk's generated ids --:meth:`DraftTable.observe`--> n-gram -> continuation index, per
-instruction and process-wide (a later chunk's n-grams replace the calibration ones) --:meth:`DraftTable.propose` (longest suffix of the tokens so far)--> up to K ids
+instruction and process-wide (a later chunk's n-grams replace the calibration ones)
+--:meth:`DraftTable.propose` (longest suffix of the tokens so far)--> up to K ids
 --:func:`admissible`: cut where the FAST automaton would refuse them--> drafts for one verify call
 (:mod:`nora_edge.multitoken`). Nothing here decides a token: a wrong draft costs speed, never an action.
 """
