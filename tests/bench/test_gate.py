@@ -1,4 +1,4 @@
-"""The CI gate on real runs of the tiny bundle: an unchanged run passes; a run whose decode steps are slowed by 30%
+"""The CI gate on real runs of the tiny bundle: an unchanged run passes; a run whose decode steps are slowed by 60%
 (a busy wait injected after the policy's decoder forward, not edited numbers) fails after re-measurement, naming
 the stage; a slowdown present only during the first pass (what another process on the core does) is re-measured
 and not counted. Verdicts are recomputed from the raw samples the report holds.
@@ -25,6 +25,7 @@ WARMUP = 3
 # a suspect that is not reproduced stops the re-measurement early; a real regression spends the whole budget
 CONFIRM_STEPS = 40
 SLOW_BUDGET_S = 3.0
+SLOWDOWN = 0.60  # of the baseline's decode step, added to every decoder forward (4x the gate's 15% limit)
 
 
 def slowed(fn, seconds: float, calls: int | None = None):
@@ -50,8 +51,10 @@ def slowed(fn, seconds: float, calls: int | None = None):
 @pytest.fixture(scope="module")
 def runs(tiny_bundle_h5, tmp_path_factory):
     """Baseline (median of three runs), unchanged, slowed and first-pass-only slowed runs of one loaded policy
-    (ORT on 1 thread); the slowdown is 30% of the baseline's decode step, added to every decoder forward (the
-    prefill's too: +4% of it)."""
+    (ORT on 1 thread); the slowdown is 60% of the baseline's decode step, added to every decoder forward (the
+    prefill's too: +8% of it). Not 30%: the busy wait is wall time while the gate divides by the run's yardsticks.
+    A clean-clone CI run hit a slower stretch of the host: its slowed run read the decode step +43% raw but its
+    yardsticks +24%, so the 30% wait came out +14.7% normalized, under the 15% limit."""
     from nora_edge.policy import NoraPolicy
 
     tmp = tmp_path_factory.mktemp("gate")
@@ -75,7 +78,7 @@ def runs(tiny_bundle_h5, tmp_path_factory):
     gate.write_baseline(baseline, recorded)
     base = recorded[0]
     same = run_bench(None, out=tmp / "same", **kw)
-    extra_s = 0.30 * json.loads(baseline.read_text())["metrics"]["stages_ms"]["decode_step"] / 1e3
+    extra_s = SLOWDOWN * json.loads(baseline.read_text())["metrics"]["stages_ms"]["decode_step"] / 1e3
     forward = policy.decoder.forward
     # decoder forwards of the first pass: one per generated token (the prefill, then a step per further token);
     # tokens per frame are deterministic, and chunk i of a pass runs frame i % 4
@@ -107,7 +110,7 @@ def test_unchanged_run_passes(runs):
     assert "PASS" in result["text"]
 
 
-def test_stage_slowed_by_30_percent_fails_after_remeasurement_and_is_named(runs):
+def test_stage_slowed_by_60_percent_fails_after_remeasurement_and_is_named(runs):
     result = runs["slow"]["gate"]
     assert not result["ok"], result["text"]
     failed = [r["metric"] for r in result["rows"] if r["status"] == "REGRESSION"]
