@@ -109,12 +109,11 @@ PAIRS = {"both": ("default", "cpu-host"), "all": tuple(SETTINGS)}
 
 def fresh_table(runner: MultiTokenRunner, config: MultiTokenConfig) -> DraftTable:
     """A new draft table, seeded from the bundle's drafts.json when it ships one and the setting uses it."""
-    from nora_edge.drafts import read_drafts
+    from nora_edge.multitoken import bundle_drafts
 
     table, b = DraftTable(), runner.policy.bundle
-    section = b.manifest.get("drafts")
-    if config.bundle_drafts and section:
-        table.seed(read_drafts(b.file(section["file"]), b.embeddings["shape"][0]))
+    if config.bundle_drafts:
+        table.seed(bundle_drafts(b, b.embeddings["shape"][0]))
     return table
 
 

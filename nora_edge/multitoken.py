@@ -275,6 +275,20 @@ class MultiTokenConfig:
 CPU_HOST = MultiTokenConfig(gate_rate=0.2, adaptive_draft=True)  # fewer, shorter verify calls on a CPU host
 
 
+def bundle_drafts(bundle: B.Bundle, vocab_size: int) -> list[tuple[str, np.ndarray]]:
+    """The chunks of the bundle's ``drafts.json`` (:func:`~nora_edge.drafts.read_drafts`); [] when it ships none.
+
+    Raises:
+        BundleError: the manifest's ``drafts`` section names another file, or the file is not a valid draft file.
+    """
+    section = bundle.manifest.get(B.DRAFTS_SECTION)
+    if not section:
+        return []
+    if not isinstance(section, dict) or section.get("file") != B.DRAFTS:
+        raise BundleError(f"{bundle.path}/manifest.json: 'drafts' section must name file {B.DRAFTS!r}")
+    return read_drafts(bundle.file(B.DRAFTS), vocab_size)
+
+
 class MultiTokenWarning(UserWarning):
     """Multi-token ids on this bundle equal the plain loop's by measurement, not by the tie-margin guard."""
 
@@ -338,12 +352,8 @@ class MultiTokenDecoding:
         Raises:
             BundleError: the manifest's ``drafts`` section names a file that is not a valid draft file.
         """
-        section = bundle.manifest.get(B.DRAFTS_SECTION)
-        if not self.config.bundle_drafts or not section:
-            return 0
-        if not isinstance(section, dict) or section.get("file") != B.DRAFTS:
-            raise BundleError(f"{bundle.path}/manifest.json: 'drafts' section must name file {B.DRAFTS!r}")
-        self.seeded += self.drafts.seed(read_drafts(bundle.file(B.DRAFTS), vocab_size))
+        if self.config.bundle_drafts:
+            self.seeded += self.drafts.seed(bundle_drafts(bundle, vocab_size))
         return self.seeded
 
     def generate(
